@@ -1,0 +1,294 @@
+"""Model construction and layer-name resolution.
+
+Every rfd model takes images in [0, 1] and normalizes them itself. Keeping normalization inside the
+network means that attacks, input noise (RND) and epsilon balls all live in pixel space, which is
+where the papers define them, and that no caller can forget or double-apply a normalization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+PENULTIMATE = "penultimate"
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` with mean/std stored as buffers (saved in checkpoints)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class ImageClassifier(nn.Module):
+    """A classifier on [0, 1] images: ``net(normalize(x))``.
+
+    Layer names used throughout rfd (``rfd.feature_layers``, ``rfd.protect(layers=...)``) are names
+    inside ``net``, i.e. timm's own names (``layer4``, ``blocks.11``, ``pre_logits``), so they match
+    timm's ``feature_info`` and its documentation.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        in_chans = _in_chans(net)
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        mean = list(mean if mean is not None else cfg.get("mean", (0.0,) * in_chans))
+        std = list(std if std is not None else cfg.get("std", (1.0,) * in_chans))
+        if len(mean) != in_chans:  # e.g. an ImageNet config on a 1-channel model: average channels
+            mean = [sum(mean) / len(mean)] * in_chans
+            std = [sum(std) / len(std)] * in_chans
+        self.normalize = Normalize(mean, std)
+        self.net = net
+        self.name = name or type(net).__name__
+        self.in_chans = in_chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.net, "num_classes", 0)) or _infer_num_classes(self.net)
+
+
+def _in_chans(net: nn.Module) -> int:
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return int(cfg.get("input_size", (3,))[0])
+
+
+def _infer_num_classes(net: nn.Module) -> int:
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else 0
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    in_chans: int = 3,
+    img_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **timm_kwargs: Any,
+) -> ImageClassifier:
+    """Build a timm model that takes [0, 1] images, optionally with weights.
+
+    Args:
+        name: any ``timm.list_models()`` name, e.g. ``"vit_base_patch16_224"`` or ``"resnet10t"``.
+        num_classes: size of the new classification head.
+        pretrained: load timm's pretrained weights through timm's own hub path. To use a local
+            weights file through the very same path, pass
+            ``pretrained_cfg_overlay=dict(file="weights.safetensors")`` with ``pretrained=True``.
+        checkpoint: a Lightning ``.ckpt`` or a saved ``state_dict`` of an ``ImageClassifier``; loaded
+            with ``weights_only=True`` after the model is built.
+        in_chans: input channels (1 for Fashion-MNIST without channel repeat).
+        img_size: input resolution for models that need it at build time (ViT/DeiT position
+            embeddings); ignored by CNNs.
+        mean: override of the normalization mean (default: the timm pretrained config's).
+        std: override of the normalization std.
+        **timm_kwargs: passed to ``timm.create_model``.
+
+    Returns:
+        An ``ImageClassifier`` in eval mode.
+    """
+    if name not in timm.list_models(pretrained=False) and not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for valid names")
+    kwargs = dict(timm_kwargs)
+    if img_size is not None and _takes_img_size(name):
+        kwargs["img_size"] = img_size
+    net = timm.create_model(
+        name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+    )
+    model = ImageClassifier(net, mean=mean, std=std, name=name)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model.eval()
+
+
+def _takes_img_size(name: str) -> bool:
+    return any(k in name for k in ("vit", "deit", "swin", "eva", "beit", "cait", "xcit"))
+
+
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
+    """Load a Lightning checkpoint or plain state_dict into ``model`` (weights only, strict).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable checkpoint, or its weights do not fit the model.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip files, non-checkpoint files
+        raise ValueError(f"corrupt or unreadable checkpoint {path}: {type(e).__name__}: {e}") from e
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} holds no state_dict of tensors")
+    # Lightning prefixes the ClassifierModule attribute name ("model.")
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ValueError(f"checkpoint {path} does not match the model: {first}") from e
+    return model
+
+
+def checkpoint_hparams(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The model hyperparameters stored in a Lightning checkpoint (``{}`` for plain state_dicts)."""
+    obj = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    return dict(obj.get("hyper_parameters", {})) if isinstance(obj, dict) else {}
+
+
+def file_hash(path: str | os.PathLike, n_bytes: int = 1 << 24) -> str:
+    """A short content hash of a file (first 16 MiB + size): cache key for calibrations."""
+    p = Path(path)
+    h = hashlib.sha256(str(p.stat().st_size).encode())
+    with p.open("rb") as f:
+        h.update(f.read(n_bytes))
+    return h.hexdigest()[:16]
+
+
+def model_hash(model: nn.Module) -> str:
+    """A content hash of a model's parameters and buffers: cache key when there is no file."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()[: 1 << 16])
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- layer names
+
+
+def _net(model: nn.Module) -> nn.Module:
+    return model.net if isinstance(model, ImageClassifier) else model
+
+
+def family(model: nn.Module) -> str:
+    """The architecture family that decides where "penultimate" is: resnet, vgg, vit or generic."""
+    from timm.models.resnet import ResNet
+    from timm.models.vgg import VGG
+    from timm.models.vision_transformer import VisionTransformer
+
+    net = _net(model)
+    if isinstance(net, ResNet):
+        return "resnet"
+    if isinstance(net, VGG):
+        return "vgg"
+    if isinstance(net, VisionTransformer):
+        return "vit"
+    return "generic"
+
+
+def _penultimate(model: nn.Module) -> str:
+    net = _net(model)
+    fam = family(model)
+    if fam == "resnet":
+        return "global_pool"  # pooled, flattened features fed to `fc`
+    if fam == "vgg":
+        return "pre_logits"  # the ConvMlp (fc6/fc7) output fed to the head
+    if fam == "vit":
+        # The normed CLS token (or pooled tokens) right before `head`; head_drop is its last module.
+        for cand in ("head_drop", "fc_norm"):
+            if isinstance(getattr(net, cand, None), nn.Module):
+                return cand
+    return _generic_penultimate(net)
+
+
+def _generic_penultimate(net: nn.Module) -> str:
+    """The module whose output feeds the last Linear layer, found by tracing one forward.
+
+    Works for plain PyTorch classifiers (``nn.Sequential`` CNNs and the like) where no family rule
+    applies: the last module executed before the final ``nn.Linear`` produces its input.
+    """
+    names = {m: n for n, m in net.named_modules() if n}
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
+        for m, n in names.items()
+        if not list(m.children())
+    ]
+    try:
+        in_chans = _in_chans(net)
+        size = 32
+        with torch.no_grad():
+            was_training = net.training
+            net.eval()
+            net(torch.zeros(1, in_chans, size, size))
+            net.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    linear_idx = [i for i, n in enumerate(order) if isinstance(net.get_submodule(n), nn.Linear)]
+    if not linear_idx or linear_idx[-1] == 0:
+        raise ValueError("cannot locate the penultimate layer: no module runs before the last Linear")
+    return order[linear_idx[-1] - 1]
+
+
+def feature_layers(model: nn.Module) -> list[str]:
+    """Hookable layer names of ``model``, shallow to deep, with ``"penultimate"`` first.
+
+    For timm models the names come from ``feature_info`` (the stage outputs timm itself exposes)
+    plus the pre-logits / penultimate module; for other models, every leaf module in forward order.
+    """
+    net = _net(model)
+    names: list[str] = []
+    info = getattr(net, "feature_info", None)
+    if info:
+        entries = info.get_dicts() if hasattr(info, "get_dicts") else info
+        names = [d["module"] for d in entries if d.get("module")]
+    else:
+        names = [n for n, m in net.named_modules() if n and not list(m.children())]
+    pen = _penultimate(model)
+    fam = family(model)
+    if fam == "vgg" and "pre_logits" not in names:
+        names.append("pre_logits")
+    if pen not in names:
+        names.append(pen)
+    return [PENULTIMATE, *names]
+
+
+def resolve_layer(model: nn.Module, name: str) -> str:
+    """Map a user-facing layer name (or the alias) to the module path inside ``model``.
+
+    Raises:
+        ValueError: the name is neither the alias nor a module of the model; the message lists the
+            valid names.
+    """
+    net = _net(model)
+    target = _penultimate(model) if name == PENULTIMATE else name
+    try:
+        net.get_submodule(target)
+    except AttributeError:
+        valid = ", ".join(feature_layers(model))
+        raise ValueError(f"unknown layer {name!r}; valid layers: {valid}") from None
+    prefix = "net." if isinstance(model, ImageClassifier) else ""
+    return prefix + target
