@@ -146,7 +146,10 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip files, non-checkpoint files
-        raise ValueError(f"corrupt or unreadable checkpoint {path}: {type(e).__name__}: {e}") from e
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise ValueError(
+            f"corrupt or unreadable checkpoint {path} ({type(e).__name__}: {reason})"
+        ) from e
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} holds no state_dict of tensors")
