@@ -82,7 +82,9 @@ class TrainCLI(LightningCLI):
         parser.add_argument("--run_root", default="runs", help="folder holding run folders")
         parser.add_argument("--run_name", default=None, help="run folder name (default: config)")
         parser.add_argument(
-            "--wandb", default="offline", choices=["offline", "online", "disabled"],
+            "--wandb",
+            default="offline",
+            choices=["offline", "online", "disabled"],
             help="W&B logging mode (offline writes a local run for `wandb sync`)",
         )
         parser.add_argument("--wandb_project", default="rfd")
@@ -109,8 +111,13 @@ class TrainCLI(LightningCLI):
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(
                 ModelCheckpoint(
-                    dirpath=str(run_dir), filename="best", monitor="val/acc", mode="max",
-                    save_top_k=1, save_last=True, enable_version_counter=False,
+                    dirpath=str(run_dir),
+                    filename="best",
+                    monitor="val/acc",
+                    mode="max",
+                    save_top_k=1,
+                    save_last=True,
+                    enable_version_counter=False,
                 )
             )
         if kwargs["logger"] and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
@@ -119,19 +126,23 @@ class TrainCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def train_main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """Entry point of train.py: fit, then test the best checkpoint, and write result.json."""
-    argv = resolve_config_args(list(sys.argv[1:] if argv is None else argv))
+def make_train_cli(argv: list[str]) -> TrainCLI:
+    """Parse ``argv`` (config names resolved under configs/) and build trainer, model and data."""
     # We pass the (rewritten) command line explicitly; Lightning warns when sys.argv also has args.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-    cli = TrainCLI(
+    return TrainCLI(
         ClassifierModule,
         L.LightningDataModule,
         subclass_mode_data=True,
         run=False,
         save_config_callback=None,
-        args=argv,
+        args=resolve_config_args(argv),
     )
+
+
+def train_main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Entry point of train.py: fit, then test the best checkpoint, and write result.json."""
+    cli = make_train_cli(list(sys.argv[1:] if argv is None else argv))
     run_dir = cli.run_dir()
     result_path = run_dir / "result.json"
     last = run_dir / "last.ckpt"

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FMNIST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rfd" / "fashion-mnist"
+FMNIST_CACHE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rfd" / "fashion-mnist"
+)
 FMNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 CIFAR10_HUB_ID = "uoft-cs/cifar10"
 FMNIST_CLASSES = (
@@ -351,7 +353,7 @@ def timm_transforms(
     center-crop 224; ResNet50/ViT/DeiT: bicubic). ``normalize=False`` leaves normalization to the
     model, which owns it.
     """
-    from timm.data import create_transform, resolve_model_data_config
+    from timm.data import create_transform, resolve_data_config
 
     cfg: dict[str, Any] = {}
     if model_name:
@@ -362,7 +364,7 @@ def timm_transforms(
             cfg = pcfg.to_dict() if pcfg is not None else {}
         except Exception:  # unknown tag: fall back to timm defaults
             cfg = {}
-        cfg = resolve_model_data_config(args={}, pretrained_cfg=cfg) if cfg else {}
+        cfg = resolve_data_config(args={}, pretrained_cfg=cfg) if cfg else {}
     size = img_size or (cfg.get("input_size", (3, 224, 224))[-1])
     kwargs: dict[str, Any] = dict(
         input_size=(3, size, size),
@@ -370,10 +372,16 @@ def timm_transforms(
         crop_pct=crop_pct if crop_pct is not None else cfg.get("crop_pct", 0.875),
         normalize=False,
     )
+    from torchvision.transforms import Compose
+    from torchvision.transforms.v2 import ToDtype
+
     if training:
         kwargs.pop("crop_pct")
-        return create_transform(is_training=True, scale=(0.35, 1.0), hflip=0.5, **kwargs)
-    return create_transform(is_training=False, **kwargs)
+        tf = create_transform(is_training=True, scale=(0.35, 1.0), hflip=0.5, **kwargs)
+    else:
+        tf = create_transform(is_training=False, **kwargs)
+    # Without normalization timm stops at uint8 tensors; scale to [0, 1] floats.
+    return Compose([*tf.transforms, ToDtype(torch.float32, scale=True)])
 
 
 class HFImageDataset(Dataset):
@@ -508,7 +516,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description="Fashion-MNIST availability for the embedded default")
     ap.add_argument("--check", action="store_true", help="exit 0 when the IDX files are present")
-    ap.add_argument("--download", action="store_true", help=f"fetch {FMNIST_HUB_ID} via HF datasets")
+    ap.add_argument(
+        "--download", action="store_true", help=f"fetch {FMNIST_HUB_ID} via HF datasets"
+    )
     args = ap.parse_args(argv)
     try:
         if args.download:

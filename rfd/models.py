@@ -25,7 +25,9 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        )
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +254,9 @@ def _generic_penultimate(net: nn.Module) -> str:
             h.remove()
     linear_idx = [i for i, n in enumerate(order) if isinstance(net.get_submodule(n), nn.Linear)]
     if not linear_idx or linear_idx[-1] == 0:
-        raise ValueError("cannot locate the penultimate layer: no module runs before the last Linear")
+        raise ValueError(
+            "cannot locate the penultimate layer: no module runs before the last Linear"
+        )
     return order[linear_idx[-1] - 1]
 
 

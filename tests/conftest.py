@@ -78,4 +78,6 @@ def trained_fmnist(
     ckpt = out / "best.ckpt"
     model = create_model("test_resnet", num_classes=10, in_chans=1, checkpoint=ckpt)
     acc = trainer.test(module, datamodule=fmnist_dm, ckpt_path=str(ckpt), verbose=False)
-    return TrainedModel(model=model, checkpoint=ckpt, datamodule=fmnist_dm, test_acc=acc[0]["test/acc"])
+    return TrainedModel(
+        model=model, checkpoint=ckpt, datamodule=fmnist_dm, test_acc=acc[0]["test/acc"]
+    )

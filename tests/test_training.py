@@ -1,0 +1,165 @@
+"""Training: configs build, a training step runs, AT / Gaussian augmentation change the loss,
+and a train -> save -> load round trip reproduces test accuracy exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import rfd
+from rfd.classifier import ClassifierModule, pgd_linf
+from rfd.cli import CONFIG_DIR, UsageError, make_train_cli, train_main
+from rfd.data import CIFAR10DataModule, FashionMNISTDataModule
+
+TRAIN_CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_the_four_paper_configs_exist() -> None:
+    for name in ("vgg19", "resnet50", "vit", "deit"):
+        assert f"cifar10_{name}.yaml" in TRAIN_CONFIGS
+    assert "fmnist_default.yaml" in TRAIN_CONFIGS
+
+
+@pytest.mark.parametrize("config", TRAIN_CONFIGS)
+def test_every_config_parses_and_builds(config: str, tmp_path: Path) -> None:
+    cli = make_train_cli(
+        [
+            "--config",
+            config,
+            "--model.pretrained",
+            "false",
+            "--wandb",
+            "disabled",
+            "--run_root",
+            str(tmp_path),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.precision",
+            "32",
+        ]
+    )
+    assert isinstance(cli.model, ClassifierModule)
+    assert isinstance(cli.datamodule, (CIFAR10DataModule, FashionMNISTDataModule))
+    assert isinstance(cli.trainer, L.Trainer)
+    size = cli.model.hparams.img_size or 28
+    x = torch.rand(1, cli.model.hparams.in_chans, size, size)
+    with torch.no_grad():
+        assert cli.model.eval()(x).shape == (1, 10)
+
+
+def test_bare_config_name_and_cli_override(tmp_path: Path) -> None:
+    cli = make_train_cli(
+        [
+            "--config",
+            "fmnist_default",
+            "--model.lr",
+            "0.5",
+            "--wandb",
+            "disabled",
+            "--run_root",
+            str(tmp_path),
+        ]
+    )
+    assert cli.model.hparams.lr == 0.5
+    with pytest.raises(UsageError, match="available in configs/"):
+        make_train_cli(["--config", "no_such_config.yaml"])
+
+
+def test_fast_dev_run_training_step(fmnist_dm: FashionMNISTDataModule) -> None:
+    module = ClassifierModule(model_name="test_resnet", in_chans=1)
+    trainer = L.Trainer(fast_dev_run=2, logger=False, enable_progress_bar=False)
+    before = module.model.net.fc.weight.detach().clone()
+    trainer.fit(module, datamodule=fmnist_dm)
+    assert not torch.equal(before, module.model.net.fc.weight)
+
+
+def test_round_trip_reproduces_test_accuracy_exactly(trained_fmnist) -> None:
+    """The checkpoint loaded by rfd.create_model gives the accuracy the Trainer measured."""
+    dm = trained_fmnist.datamodule
+    correct = 0
+    with torch.no_grad():
+        for x, y in dm.test_dataloader():
+            correct += (trained_fmnist.model(x).argmax(-1) == y).sum().item()
+    assert correct / len(dm.test_set) == pytest.approx(trained_fmnist.test_acc, abs=1e-6)
+    assert trained_fmnist.test_acc > 0.7  # it learned something: 2 short epochs on 20k images
+
+
+def _batch(dm: FashionMNISTDataModule, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*(dm.test_set[i] for i in range(n)), strict=True)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def test_pgd_stays_in_ball_and_raises_the_loss(trained_fmnist) -> None:
+    x, y = _batch(trained_fmnist.datamodule)
+    model = trained_fmnist.model
+    adv = pgd_linf(model, x, y, eps=0.1, alpha=0.025, steps=5)
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert ce(model(adv), y) > ce(model(x), y) + 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(adv_training="pgd", adv_eps=0.1, adv_steps=3),
+        dict(adv_training="fast", adv_eps=0.1),
+        dict(gaussian_sigma=0.3),
+    ],
+)
+def test_robust_training_modes_change_the_loss(trained_fmnist, kwargs: dict) -> None:
+    x, y = _batch(trained_fmnist.datamodule)
+    clean = ClassifierModule(model_name="test_resnet", in_chans=1)
+    robust = ClassifierModule(model_name="test_resnet", in_chans=1, **kwargs)
+    for m in (clean, robust):
+        m.model.load_state_dict(trained_fmnist.model.state_dict())
+        m.model.eval()  # fixed BatchNorm statistics so the two losses are comparable
+    torch.manual_seed(0)
+    loss_clean = clean.training_step((x, y), 0)
+    loss_robust = robust.training_step((x, y), 0)
+    assert loss_robust > loss_clean + 0.05
+    loss_robust.backward()
+    assert robust.model.net.fc.weight.grad is not None
+
+
+def test_bad_training_options() -> None:
+    with pytest.raises(ValueError, match="allowed: none, pgd, fast"):
+        ClassifierModule(adv_training="trades")
+
+
+def test_train_cli_end_to_end_writes_run_and_refuses_overwrite(tmp_path: Path, capsys) -> None:
+    args = [
+        "--config",
+        "fmnist_default",
+        "--trainer.max_epochs",
+        "1",
+        "--wandb",
+        "offline",
+        "--data.init_args.train_subset",
+        "512",
+        "--run_root",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.limit_test_batches",
+        "2",
+    ]
+    result = train_main(args)
+    run = tmp_path / "fmnist_default"
+    for f in ("best.ckpt", "last.ckpt", "config.yaml", "result.json", "csv/metrics.csv"):
+        assert (run / f).is_file(), f
+    assert list((run / "wandb").glob("offline-run-*")), "offline W&B run written"
+    assert json.loads((run / "result.json").read_text())["test_acc"] == result["test_acc"]
+    assert "model_name: test_resnet" in (run / "config.yaml").read_text()
+    model = rfd.create_model("test_resnet", 10, in_chans=1, checkpoint=run / "best.ckpt")
+    assert model(torch.rand(1, 1, 28, 28)).shape == (1, 10)
+    before = (run / "best.ckpt").read_bytes()
+    with pytest.raises(UsageError, match="holds a finished run"):
+        train_main(args)
+    assert (run / "best.ckpt").read_bytes() == before
