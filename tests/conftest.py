@@ -13,7 +13,8 @@ import torch
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if "OMP_NUM_THREADS" not in os.environ:  # 2 cores on CI; respect an explicit setting
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from rfd.classifier import ClassifierModule  # noqa: E402
 from rfd.data import FashionMNISTDataModule, default_fmnist_dir  # noqa: E402

@@ -1,0 +1,194 @@
+"""evaluate.py end to end on the session's trained tiny model: files, resume, errors, W&B."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rfd.cli import REPO_ROOT, run_cli
+from rfd.runner import evaluate_main
+
+
+@pytest.fixture()
+def model_args(trained_fmnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """--config/--checkpoint for the session model; calibration cache in a temp dir."""
+    monkeypatch.setenv("RFD_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "model: {model_name: test_resnet, num_classes: 10, in_chans: 1}\n"
+        "data: {class_path: rfd.data.FashionMNISTDataModule, init_args: {batch_size: 256}}\n"
+        "run_name: tiny\n"
+    )
+    return ["--config", str(cfg), "--checkpoint", str(trained_fmnist.checkpoint)]
+
+
+def test_cli_grid_writes_table_json_csv_plots_that_agree(
+    model_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # exercise the offline W&B run
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run_dir = tmp_path / "run"
+    summaries = evaluate_main(
+        [*model_args, "--defense", "none,feature", "--attack", "square,rays", "--n-images", "20",
+         "--batch-size", "10", "--queries", "50,100", "--target-drop", "0.04",
+         "--n-calibration", "500", "--run-dir", str(run_dir), "--wandb", "offline"]
+    )  # fmt: skip
+    assert len(summaries) == 4
+    for f in (
+        "table.md",
+        "results.json",
+        "results.csv",
+        "robust_vs_queries.png",
+        "clean_vs_nu.png",
+        "spec.json",
+    ):
+        assert (run_dir / f).is_file(), f
+    data = json.loads((run_dir / "results.json").read_text())
+    csv_rows = (run_dir / "results.csv").read_text().splitlines()[1:]
+    assert len(csv_rows) == 4 * 2  # cells × budgets
+    table = (run_dir / "table.md").read_text()
+    for cell in data:
+        assert cell["n_images"] == 20
+        r50, r100 = cell["robust_acc"]["50"], cell["robust_acc"]["100"]
+        assert r100 <= r50 <= cell["attack_clean_acc"] + 1e-9
+        assert f"{100 * r100:.1f}" in table
+        assert any(
+            line.startswith(f"{cell['model']},{cell['defense']},{cell['attack']}")
+            and ",100,20," in line
+            for line in csv_rows
+        )
+        if cell["defense"] == "feature":
+            assert cell["nu"] > 0 and abs(cell["calibration"]["drop"] - 0.04) < 0.02
+    records = list((run_dir / "cells").glob("*/records.rank0.jsonl"))
+    assert len(records) == 4 and all(len(p.read_text().splitlines()) == 20 for p in records)
+    assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B run written"
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "evaluate.py"), *args], env=env, cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_resume_after_sigkill_gives_identical_results(model_args, tmp_path: Path) -> None:
+    args = [*model_args, "--defense", "feature", "--attack", "square", "--n-images", "40",
+            "--batch-size", "10", "--queries", "300", "--nu", "0.3", "--wandb", "disabled"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    p = _cli([*args, "--run-dir", str(killed)], env)
+    records = killed / "cells"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        files = list(records.glob("*/records.rank0.jsonl"))
+        if files and len(files[0].read_text().splitlines()) >= 10:
+            p.kill()
+            break
+        time.sleep(0.05)
+    p.wait()
+    done_before = len(next(records.glob("*/records.rank0.jsonl")).read_text().splitlines())
+    assert 10 <= done_before < 40, "killed mid-run"
+    assert not (killed / "results.json").exists()
+    evaluate_main([*args, "--run-dir", str(killed)])  # resume
+    evaluate_main([*args, "--run-dir", str(full)])  # uninterrupted reference
+    strip = lambda d: [{k: v for k, v in c.items() if k != "attack_seconds"} for c in d]  # noqa: E731
+    a = strip(json.loads((killed / "results.json").read_text()))
+    b = strip(json.loads((full / "results.json").read_text()))
+    assert a == b
+    assert (killed / "table.md").read_text() == (full / "table.md").read_text()
+
+
+def test_changed_settings_refuse_to_mix_unless_overwrite(model_args, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    base = [*model_args, "--defense", "none", "--attack", "square", "--n-images", "10",
+            "--queries", "20", "--run-dir", str(run_dir), "--wandb", "disabled"]  # fmt: skip
+    evaluate_main(base)
+    before = (run_dir / "results.json").read_text()
+    assert run_cli(evaluate_main, [*base, "--eps", "0.05"]) == 2
+    assert (run_dir / "results.json").read_text() == before
+    evaluate_main([*base, "--eps", "0.05", "--overwrite"])
+    assert json.loads((run_dir / "results.json").read_text())[0]["eps"] == 0.05
+
+
+BAD = {
+    "unknown defense": (["--defense", "magic"], "unknown defense 'magic'; valid defenses"),
+    "unknown attack": (["--attack", "boundary"], "unknown attack 'boundary'; valid attacks"),
+    "unknown layer": (
+        ["--defense", "feature", "--layers", "layer9", "--nu", "0.1"],
+        "unknown layer 'layer9'; valid layers",
+    ),
+    "eps <= 0": (["--eps", "0"], "eps must be > 0"),
+    "l2 decision attack": (["--attack", "rays", "--norm", "l2"], "does not support norm 'l2'"),
+    "missing checkpoint": (["--checkpoint", "/nonexistent/model.ckpt"], "checkpoint not found"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    case, model_args, tmp_path, capsys
+) -> None:
+    extra, message = BAD[case]
+    run_dir = tmp_path / "run"
+    args = [
+        *model_args,
+        "--run-dir",
+        str(run_dir),
+        "--n-images",
+        "10",
+        "--wandb",
+        "disabled",
+        *extra,
+    ]
+    assert run_cli(evaluate_main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not run_dir.exists()
+
+
+def test_unknown_config_key_is_rejected(model_args, tmp_path, capsys) -> None:
+    bad = tmp_path / "eval.yaml"
+    bad.write_text("attack: [square]\nquerys: [1000]\n")
+    assert run_cli(evaluate_main, ["--eval-config", str(bad), *model_args]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'querys'" in err and "allowed keys:" in err
+
+
+EVAL_CONFIGS = sorted(
+    str(p.relative_to(REPO_ROOT / "configs"))
+    for p in [REPO_ROOT / "configs" / "eval.yaml", *(REPO_ROOT / "configs" / "grid").glob("*.yaml")]
+)
+
+
+@pytest.mark.parametrize("config", EVAL_CONFIGS)
+def test_every_eval_and_grid_config_parses(config: str) -> None:
+    from rfd.runner import attack_params, defense_args, load_settings
+
+    s = load_settings(["--eval-config", config])
+    assert s.attack and s.defense and s.models
+    for a in s.attack:
+        attack_params(a, s)
+    for d in s.defense:
+        from rfd.defenses import NoiseDefense
+
+        NoiseDefense(**defense_args(d, s))
+    if "grid" in config:
+        assert s.paper and s.n_images == 1000
+
+
+def test_attack_param_overrides(model_args) -> None:
+    from rfd.runner import attack_params, load_settings
+
+    s = load_settings(
+        [*model_args, "--attack", "square,nes", "--attack-param", "square.p_init=0.2"]
+    )
+    assert attack_params("square", s)["p_init"] == 0.2
+    assert "p_init" not in attack_params("nes", s)
+    bad = load_settings([*model_args, "--attack", "square", "--attack-param", "square.bogus=1"])
+    with pytest.raises(Exception, match="has no hyperparameter 'bogus'"):
+        attack_params("square", bad)
