@@ -1,0 +1,500 @@
+"""rfd.attacks: exact query accounting in the oracle and the invariants every attack must keep.
+
+The invariants are checked over the whole registry (every attack x supported norm x criterion) on
+a tiny CNN, with hypothesis drawing seeds, budgets and radii; the oracle's bookkeeping (EOT
+charges, 9-query votes, budgets, projections, access rights) is checked on its own with models
+whose every forward is counted.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import rfd
+from rfd.attacks import (
+    ATTACKS,
+    CRITERIA,
+    VOTES,
+    AccessError,
+    BudgetError,
+    QueryOracle,
+    default_eps,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "attack"
+CASES = [(a, n) for a, cls in ATTACKS.items() for n in cls.norms]
+RANDOMIZED_ATTACKS = ("square", "nes", "signflip")  # SignHunter and RayS use no randomness
+PROPS = settings(
+    max_examples=5,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+class Counting(nn.Module):
+    """Counts forwards and rows; the attacks' queries all pass through here."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        return self.net(x)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.batches)
+
+
+class OneHot(nn.Module):
+    """Same labels as ``net`` but scores that carry nothing else: a hard-label view."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        return nn.functional.one_hot(z.argmax(1), z.shape[1]).to(z.dtype) * 7.0
+
+
+class Center(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.5) * 4
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    """A random CNN small enough for hundreds of attack runs; centering its input gives it
+    varied predictions and margins that an eps-ball can cross."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = nn.Sequential(
+            Center(),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(8 * 16, 10),
+        )
+    return net.eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 8-image batches through a tiny CNN: fanning out to threads costs more than it saves.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny CNN, 8 images, labels = its predictions except two deliberately wrong ones."""
+    net = tiny_cnn()
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 10
+    return net, x, y
+
+
+def noisy(net: nn.Module, nu: float = 0.05, seed: int = 0) -> nn.Module:
+    return rfd.protect(net, defense="feature", layers="penultimate", nu=nu, seed=seed)
+
+
+def distance(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    d = (adv - x).flatten(1)
+    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+
+
+def eps_for(norm: str, scale: float = 1.0) -> float:
+    return default_eps(28, norm) * scale
+
+
+def check_common(res, x: torch.Tensor, norm: str, eps: float, budget: int) -> None:
+    """Invariants that hold for any model: ball, box, budget, bookkeeping."""
+    assert distance(res.adv, x, norm).max() <= eps + 1e-5
+    assert res.adv.min() >= 0 and res.adv.max() <= 1
+    assert (res.queries <= budget).all() and (res.queries >= 1).all()
+    assert not (res.success & ~res.clean_correct).any()
+    assert torch.equal(res.adv[~res.clean_correct], x[~res.clean_correct])
+    assert ((res.fooled_at >= 1) & (res.fooled_at <= res.queries))[res.success].all()
+    assert (res.fooled_at[~res.success] == -1).all()
+    assert (res.verify_queries % VOTES == 0).all()
+    if res.criterion != "vote":
+        assert (res.verify_queries == 0).all()
+
+
+# --------------------------------------------------------------------------- invariants
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("attack,norm", CASES)
+@PROPS
+@given(
+    seed=st.integers(0, 2**16),
+    budget=st.integers(20, 150),
+    scale=st.floats(0.5, 2.0),
+    eot=st.sampled_from([1, 1, 2, 3]),
+)
+def test_invariants_deterministic_model(tiny, attack, norm, criterion, seed, budget, scale, eot):
+    net, x, y = tiny
+    eps = eps_for(norm, scale)
+    counter = Counting(net)
+    res = rfd.attack(
+        counter, x, y, attack=attack, norm=norm, eps=eps, max_queries=budget,
+        criterion=criterion, eot=eot, seed=seed,
+    )  # fmt: skip
+    check_common(res, x, norm, eps, budget)
+    assert (res.queries % eot == 0).all()
+    assert not res.randomized
+    assert res.clean_correct.tolist() == [False, False] + [True] * 6
+    # Deterministic model: success <=> the returned image is misclassified.
+    with torch.no_grad():
+        wrong = net(res.adv).argmax(1) != y
+    assert torch.equal(res.success, wrong & res.clean_correct)
+    # Every forward is accounted for: charged + verification + the randomness probe.
+    assert counter.rows == res.queries.sum() + res.verify_queries.sum() + res.probe_queries
+
+
+@pytest.mark.parametrize("criterion", ("vote", "single"))
+@pytest.mark.parametrize("attack,norm", CASES)
+@PROPS
+@given(seed=st.integers(0, 2**16), budget=st.integers(20, 150))
+def test_invariants_randomized_model(tiny, attack, norm, criterion, seed, budget):
+    net, x, y = tiny
+    eps = eps_for(norm)
+    res = rfd.attack(
+        noisy(net, seed=seed), x, y, attack=attack, norm=norm, eps=eps, max_queries=budget,
+        criterion=criterion, seed=seed,
+    )  # fmt: skip
+    check_common(res, x, norm, eps, budget)
+    assert res.randomized
+
+
+@pytest.mark.parametrize("attack", ["square", "signhunter", "rays"])
+def test_vote_against_single_on_a_randomized_model(tiny, attack):
+    """Re-evaluating ``adv`` with fresh forwards: a point verified by the 9-query vote is never
+    one the model (almost) never misclassifies, and is misclassified more often than a point
+    that fooled a single forward. Vote leaves at least as many images robust as single."""
+    net, x, y = tiny
+    xs, ys = x.repeat(4, 1, 1, 1), y.repeat(4)
+    out = {}
+    for criterion in ("vote", "single"):
+        defended = noisy(net, nu=0.05)
+        res = rfd.attack(
+            defended, xs, ys, attack=attack, eps=0.1, max_queries=200, criterion=criterion
+        )
+        adv, lab = res.adv[res.success], ys[res.success]
+        with torch.no_grad():
+            rate = torch.stack([(defended(adv).argmax(1) != lab).float() for _ in range(200)])
+        out[criterion] = (res, rate.mean(0))
+    (vote, p_vote), (single, p_single) = out["vote"], out["single"]
+    assert vote.success.sum() >= 4 and single.success.sum() >= 4
+    assert (p_vote > 0).all()  # p < 1.5% would pass a 5-of-9 vote with probability < 1e-6
+    assert p_vote.mean() > p_single.mean()
+    assert vote.robust_accuracy() >= single.robust_accuracy()
+
+
+class Coin(nn.Module):
+    """Says class 1 with probability ``p`` whatever the input, from its own generator."""
+
+    def __init__(self, p: float, seed: int = 0) -> None:
+        super().__init__()
+        self.p, self.gen = p, torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one = torch.rand(x.shape[0], generator=self.gen) < self.p
+        return torch.stack([(~one).float(), one.float()], 1)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_criteria_rates_on_a_coin(criterion):
+    """The criterion rules, measured: with a model fooled by each forward with probability p, a
+    query succeeds with probability p (single, none) or p * P[Bin(9, p) >= 5] (vote)."""
+    p, n = 0.4, 4000
+    vote = sum(torch.distributions.Binomial(VOTES, torch.tensor(p)).log_prob(torch.tensor(k)).exp()
+               for k in range(5, VOTES + 1))  # fmt: skip
+    rate = p * float(vote) if criterion == "vote" else p
+    x, y = torch.full((n, 1, 2, 2), 0.5), torch.zeros(n, dtype=torch.long)
+    o = make_oracle(Coin(p), x, y, criterion=criterion, max_queries=10)
+    if criterion == "none":  # "none" means undefended semantics: it warns on a noisy model
+        with pytest.warns(UserWarning, match="deterministic"):
+            o.start()
+    else:
+        o.start()
+    tol = 5 * (rate * (1 - rate) / n) ** 0.5
+    assert abs((~o.clean_correct).float().mean() - rate) < tol
+    idx = o.active()
+    o.margin(idx, x[idx])
+    assert abs(o.success[idx].float().mean() - rate) < tol
+    assert bool((o.verify_queries == 0).all()) == (criterion != "vote")
+
+
+@pytest.mark.parametrize("attack,norm", CASES)
+def test_seeds(tiny, attack, norm):
+    net, x, y = tiny
+    kw = dict(attack=attack, norm=norm, eps=eps_for(norm), max_queries=80)
+    a = rfd.attack(net, x, y, seed=3, **kw)
+    b = rfd.attack(net, x, y, seed=3, **kw)
+    c = rfd.attack(net, x, y, seed=4, **kw)
+    for k in ("adv", "success", "queries", "verify_queries", "fooled_at", "clean_correct"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    differs = not torch.equal(a.adv, c.adv) or not torch.equal(a.queries, c.queries)
+    assert differs == (attack in RANDOMIZED_ATTACKS)
+
+
+@pytest.mark.parametrize("attack,norm", CASES)
+def test_attacks_leave_global_rng_and_defense_stream_alone(tiny, attack, norm):
+    net, x, y = tiny
+    defended = noisy(net, seed=11)
+    fresh = noisy(net, seed=11).generator.get_state()
+    before = torch.random.get_rng_state()
+    rfd.attack(defended, x, y, attack=attack, norm=norm, eps=eps_for(norm), max_queries=40)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    # The defense drew noise for every forward from its own stream: advanced, never reset.
+    assert not torch.equal(defended.generator.get_state(), fresh)
+
+
+@pytest.mark.parametrize("attack", [a for a, cls in ATTACKS.items() if cls.kind == "decision"])
+def test_decision_attacks_use_labels_only(tiny, attack, monkeypatch):
+    net, x, y = tiny
+    kw = dict(attack=attack, eps=0.1, max_queries=120, seed=5)
+    ref = rfd.attack(net, x, y, **kw)
+    # Scores that carry nothing but the label give bit-identical results ...
+    hard = rfd.attack(OneHot(net), x, y, **kw)
+    for k in ("adv", "success", "queries", "fooled_at"):
+        assert torch.equal(getattr(ref, k), getattr(hard, k)), k
+
+    # ... and asking the oracle for scores is refused.
+    def spy(self, idx, q):
+        raise AssertionError("a decision attack read scores")
+
+    monkeypatch.setattr(QueryOracle, "logits", spy)
+    rfd.attack(net, x, y, **kw)
+
+
+# --------------------------------------------------------------------------- the oracle
+def make_oracle(net: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> QueryOracle:
+    args = dict(kind="score", norm="linf", eps=0.1, max_queries=50, criterion="vote", eot=1)
+    return QueryOracle(net, x, y, **{**args, **kw})
+
+
+class Fixed(nn.Module):
+    """Logits from the mean pixel: class 1 wins when the image is brighter than 0.5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1)
+        return torch.stack([0.5 - m, m - 0.5, torch.zeros_like(m)], 1)
+
+
+class RowIndex(nn.Module):
+    """Logit 0 is each row's position in its batch: exposes how EOT lays out and averages."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(x.shape[0], 3)
+        z[:, 0] = torch.arange(x.shape[0], dtype=torch.float32)
+        return z
+
+
+def test_eot_charges_m_and_averages_m_forwards_in_one_batch():
+    x, y = torch.full((4, 1, 6, 6), 0.3), torch.zeros(4, dtype=torch.long)
+    counter = Counting(RowIndex())
+    o = make_oracle(counter, x, y, eot=5, criterion="single")
+    o.start()
+    assert o.queries.tolist() == [5] * 4 and counter.batches == [20]
+    idx = torch.tensor([0, 2, 3])
+    z = o.logits(idx, x[idx])
+    assert counter.batches[-1] == 15  # one forward of M x A rows
+    assert z[:, 0].tolist() == [2.0, 7.0, 12.0]  # mean of rows 5a..5a+4: repeat_interleave
+    assert o.queries.tolist() == [10, 5, 10, 10]
+    m = o.margin(idx, x[idx].unsqueeze(1).expand(3, 2, 1, 6, 6))  # two queries per image
+    assert m.shape == (3, 2) and counter.batches[-1] == 30
+    assert o.queries.tolist() == [20, 5, 20, 20]
+
+
+def test_eot_end_to_end_charges_multiples_of_m(tiny):
+    net, x, y = tiny
+    counter = Counting(noisy(net))
+    res = rfd.attack(counter, x, y, attack="square", eps=0.1, max_queries=60, eot=4)
+    assert (res.queries % 4 == 0).all() and (res.queries <= 60).all()
+    assert res.probe_queries == 0  # with eot > 1 the clean query itself reveals the noise
+    assert counter.rows == res.queries.sum() + res.verify_queries.sum()
+
+
+def test_vote_is_uncharged_and_one_batch_of_nine_per_check():
+    x = torch.full((3, 1, 6, 6), 0.3)
+    y = torch.zeros(3, dtype=torch.long)
+    counter = Counting(Fixed())
+    o = make_oracle(counter, x, y)
+    o.start()
+    before = list(counter.batches)
+    bright = torch.full((2, 1, 6, 6), 0.35)  # projected into the ball: still class 0
+    o.margin(torch.tensor([0, 1]), bright)
+    assert counter.batches[len(before) :] == [2] and not o.success.any()
+    adv = torch.full((2, 1, 6, 6), 0.55)  # outside the ball: projected to 0.4, still class 0
+    o.margin(torch.tensor([0, 1]), adv)
+    assert not o.success.any()
+    assert o.verify_queries.sum() == 0
+
+    # A model that flips to class 1 near 0.4 is fooled inside the ball: one 9x2 vote, uncharged.
+    class Shifted(Fixed):
+        def forward(self, x):
+            return super().forward(x + 0.15)
+
+    counter = Counting(Shifted())
+    o = make_oracle(counter, x, y)
+    o.start()
+    charged = o.queries.clone()
+    n = len(counter.batches)
+    o.margin(torch.tensor([0, 2]), torch.full((2, 1, 6, 6), 0.4))
+    assert counter.batches[n:] == [2, 2 * VOTES]
+    assert (o.queries - charged).tolist() == [1, 0, 1]
+    assert o.verify_queries.tolist() == [VOTES, 0, VOTES]
+    assert o.success.tolist() == [True, False, True]
+    assert o.fooled_at.tolist() == [2, -1, 2]
+
+
+def test_budget_and_active_set_are_enforced():
+    x, y = torch.full((2, 1, 6, 6), 0.3), torch.zeros(2, dtype=torch.long)
+    o = make_oracle(Fixed(), x, y, max_queries=3, criterion="none")
+    o.start()
+    o.margin(torch.tensor([0, 1]), x)
+    o.margin(torch.tensor([0]), x[:1])
+    assert o.active().tolist() == [1]
+    with pytest.raises(BudgetError):
+        o.margin(torch.tensor([0]), x[:1])
+    with pytest.raises(BudgetError):
+        o.margin(torch.tensor([1]), x[1:].unsqueeze(1).expand(1, 2, 1, 6, 6))
+    with pytest.raises(BudgetError):  # one query per image per call unless grouped
+        o.margin(torch.tensor([1, 1]), x)
+    assert o.queries.tolist() == [3, 2]
+
+
+def test_decision_oracle_refuses_scores_and_outside_points():
+    x, y = torch.full((2, 1, 6, 6), 0.3), torch.zeros(2, dtype=torch.long)
+    o = make_oracle(Fixed(), x, y, kind="decision", criterion="single")
+    o.start()
+    with pytest.raises(AccessError):
+        o.margin(torch.tensor([0]), x[:1])
+    with pytest.raises(AccessError):
+        o.logits(torch.tensor([0]), x[:1])
+    far = torch.full((2, 1, 6, 6), 0.9)  # misclassified, but outside the ball: not a success
+    assert o.is_adversarial(torch.tensor([0, 1]), far).all()
+    assert not o.success.any()
+
+
+def test_l2_projection_and_exactness_inside():
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    o = make_oracle(Fixed(), x, torch.zeros(3, dtype=torch.long), norm="l2", eps=0.5)
+    idx = torch.arange(3)
+    far = (x + torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    p = o.project(idx, far)
+    assert ((p - x).flatten(1).norm(dim=1) <= 0.5 * (1 + 1e-5)).all()
+    assert p.min() >= 0 and p.max() <= 1
+    assert torch.equal(o.project(idx, p), p)
+    near = (x + 0.01).clamp(0, 1)
+    assert torch.equal(o.project(idx, near), near)
+
+
+def test_clean_misclassified_images_are_not_attacked(tiny):
+    net, x, y = tiny
+    res = rfd.attack(net, x, y, attack="square", eps=0.1, max_queries=50)
+    assert (res.queries[~res.clean_correct] == 1).all()
+    assert res.robust_accuracy() <= res.clean_correct.float().mean()
+
+
+def test_robust_accuracy_curve(tiny):
+    net, x, y = tiny
+    res = rfd.attack(net, x, y, attack="signhunter", eps=0.15, max_queries=200, criterion="none")
+    assert res.success.any()
+    budgets = [1, 10, 50, 100, 200]
+    curve = res.robust_accuracy_curve(budgets)
+    assert curve == sorted(curve, reverse=True)
+    assert curve[-1] == res.robust_accuracy()
+    for b, acc in zip(budgets, curve, strict=True):
+        expect = (res.clean_correct & ~(res.success & (res.fooled_at <= b))).float().mean()
+        assert acc == pytest.approx(float(expect))
+    s = res.summary()
+    assert s["robust_accuracy"] == res.robust_accuracy() and s["n_images"] == 8
+    assert s["mean_queries_success"] == pytest.approx(
+        float(res.fooled_at[res.success].float().mean())
+    )
+
+
+# --------------------------------------------------------------------------- API and configs
+def test_default_eps():
+    assert default_eps(224, "linf") == 0.05 and default_eps(224, "l2") == 5.0
+    assert default_eps(32, "linf") == 0.05 and default_eps(32, "l2") == 1.0
+    assert default_eps(28, "linf") == 0.1 and default_eps(28, "l2") == 2.0
+    with pytest.raises(ValueError, match="28px"):
+        default_eps(64, "linf")
+
+
+def test_eps_none_uses_the_data_default(tiny):
+    net, x, y = tiny
+    res = rfd.attack(net, x, y, attack="signhunter", eps=None, max_queries=20)
+    assert res.eps == 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(attack="pgd"), "square, nes, signhunter, rays, signflip"),
+        (dict(attack="rays", norm="l2"), "supported: linf"),
+        (dict(norm="l1"), "linf, l2"),
+        (dict(eps=0.0), "eps"),
+        (dict(eps=-1.0), "eps"),
+        (dict(criterion="majority"), "vote, single, none"),
+        (dict(eot=0), "eot"),
+        (dict(max_queries=0), "max_queries"),
+        (dict(attack="square", q_init=0.1), "p_init"),
+        (dict(attack="nes", samples=7), "even"),
+    ],
+)
+def test_invalid_arguments(tiny, kwargs, match):
+    net, x, y = tiny
+    args = {**dict(attack="square", norm="linf", eps=0.1, max_queries=20), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        rfd.attack(net, x, y, **args)
+
+
+def test_registry_metadata():
+    assert set(ATTACKS) == {"square", "nes", "signhunter", "rays", "signflip"}
+    for name, cls in ATTACKS.items():
+        assert cls.name == name and cls.kind in ("score", "decision")
+        assert set(cls.defaults) == set(cls.norms)
+        doc = sys.modules[cls.__module__].__doc__
+        assert re.search(r'"[^"]{20,}" \w+ 20\d\d', doc), name  # cites "Title." Venue Year
+    assert ATTACKS["rays"].norms == ("linf",) and ATTACKS["signflip"].norms == ("linf",)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_config_mirrors_defaults(name):
+    cfg = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    assert cfg == ATTACKS[name].defaults
+    for norm, params in cfg.items():
+        assert ATTACKS[name](norm, **params).params == params
+
+
+# --------------------------------------------------------------------------- trained default
+@pytest.mark.slow
+def test_square_fools_trained_default(trained_fmnist):
+    x, y, _ = next(iter(trained_fmnist.datamodule.eval_dataloader(100, seed=0)))
+    res = rfd.attack(
+        trained_fmnist.model, x, y, attack="square", norm="linf", eps=0.1, max_queries=1000,
+        criterion="vote", seed=0,
+    )  # fmt: skip
+    assert res.clean_correct.float().mean() >= 0.6
+    assert res.summary()["success_rate"] >= 0.9
