@@ -382,6 +382,33 @@ def test_budget_and_active_set_are_enforced():
     assert o.queries.tolist() == [3, 2]
 
 
+def test_refusals_hold_when_an_attack_reuses_its_index_tensor():
+    """The oracle skips re-validating an idx tensor it has seen; budgets and finished images
+    must still be refused exactly when they should."""
+    x = torch.full((2, 1, 6, 6), 0.3)
+    x[0] = 0.45  # class 1 starts at mean 0.5: image 0 can be fooled inside the ball
+    y = torch.zeros(2, dtype=torch.long)
+    o = make_oracle(Fixed(), x, y, max_queries=4, criterion="none")
+    o.start()
+    idx = torch.tensor([0, 1])
+    o.margin(idx, x)
+    o.margin(idx, x)
+    o.margin(idx, x)
+    with pytest.raises(BudgetError):
+        o.margin(idx, x)
+    assert o.queries.tolist() == [4, 4]
+
+    o = make_oracle(Fixed(), x, y, max_queries=10, criterion="none")
+    o.start()
+    o.margin(idx, x)
+    assert o.all_alive(idx)
+    o.margin(idx, x + 0.1)  # image 0 is fooled and leaves the active set
+    assert o.success.tolist() == [True, False] and not o.all_alive(idx)
+    with pytest.raises(BudgetError, match="finished=True"):
+        o.margin(idx, x)
+    assert o.queries.tolist() == [3, 3]
+
+
 def test_decision_oracle_refuses_scores_and_outside_points():
     x, y = torch.full((2, 1, 6, 6), 0.3), torch.zeros(2, dtype=torch.long)
     o = make_oracle(Fixed(), x, y, kind="decision", criterion="single")

@@ -289,7 +289,18 @@ def _calibrated_nu(model: Any, dm: Any, layer: str, drop: float, args: Any) -> f
 
 
 def run(args: argparse.Namespace) -> dict[str, Path]:
-    """Run one subcommand; returns the files written."""
+    """Run one subcommand; returns the files written. The thread setting is restored afterwards,
+    so calling this from Python leaves the process as it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Path]:
     import torch
 
     from rfd.analysis import gradients as G

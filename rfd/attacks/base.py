@@ -120,6 +120,12 @@ class QueryOracle:
         self.randomized = False
         self.probe_queries = 0
         self._cache: tuple[Tensor, tuple[Tensor, ...]] | None = None
+        # Hot-path bookkeeping that spares tensor ops: `_events` counts changes of the open set,
+        # `_spent` bounds from above the charged queries of any open image, and `_valid` holds
+        # the last idx tensor found distinct and all open (with `_events` then, and its counts).
+        # Attacks reuse one idx tensor until their set shrinks, so most calls skip the checks.
+        self._events, self._spent = 0, 0
+        self._valid: tuple[Tensor, int, Tensor] | None = None
 
     # ------------------------------------------------------------------ public queries
     def margin(self, idx: Tensor, x: Tensor) -> Tensor:
@@ -153,6 +159,17 @@ class QueryOracle:
     def alive(self, idx: Tensor, cost: int = 1) -> Tensor:
         """Row mask of :meth:`active` for the images ``idx``."""
         return self.open[idx] & (self.queries[idx] + cost * self.eot <= self.max_queries)
+
+    def all_alive(self, idx: Tensor, cost: int = 1) -> bool:
+        """True when every image of ``idx`` is certainly still active (no tensor work); False
+        means "check with :meth:`alive`"."""
+        v = self._valid
+        return (
+            v is not None
+            and v[0] is idx
+            and v[1] == self._events
+            and self._spent + cost * self.eot <= self.max_queries
+        )
 
     def remaining(self, idx: Tensor) -> Tensor:
         """Charged queries each image may still spend."""
@@ -195,6 +212,7 @@ class QueryOracle:
         if m > self.max_queries:
             raise BudgetError(f"max_queries={self.max_queries} cannot pay one eot={m} query")
         self.queries += m
+        self._spent = m
         raw = self._forward(self.images.repeat_interleave(m, 0) if m > 1 else self.images)
         raw = raw.view(n, m, -1)
         first = raw[:, 0]
@@ -211,6 +229,7 @@ class QueryOracle:
             wrong[w] = self._vote(self.images[w], w)
         self.clean_correct = ~wrong
         self.open = self.clean_correct.clone()
+        self._events += 1
         if self.criterion == "none" and self.randomized:
             warnings.warn(
                 "criterion='none' assumes a deterministic model, but this one answers identical "
@@ -277,21 +296,25 @@ class QueryOracle:
         a, r, m = idx.shape[0], (x.shape[1] if grouped else 1), self.eot
         if idx.dim() != 1 or x.shape[0] != a or x.shape[-3:] != self.images.shape[1:]:
             raise ValueError(f"need x of shape (A, [R,] C, H, W) for A={a} image indices")
-        cost = torch.bincount(idx, minlength=self.n)
-        if r * m != 1:
-            cost *= r * m
-        after = self.queries + cost
-        # One check for all three refusals: a finished image may get 0 queries, an open one
-        # r * m (more means a repeated index), and no image may pass its budget.
-        bad = (cost > self.open * (r * m)) | (after > self.max_queries)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise BudgetError(
-                f"query for image {i} refused: finished={not bool(self.open[i])}, charged "
-                f"{int(self.queries[i])} + {int(cost[i])} > max_queries={self.max_queries} "
-                f"(or the index repeats)"
-            )
-        self.queries = after
+        rm = r * m
+        if self.all_alive(idx, r):
+            cost = self._valid[2] * rm if rm != 1 else self._valid[2]
+        else:
+            counts = torch.bincount(idx, minlength=self.n)
+            cost = counts * rm if rm != 1 else counts
+            # One check for all three refusals: a finished image may get 0 queries, an open one
+            # r * m (more means a repeated index), and no image may pass its budget.
+            bad = (cost > self.open * rm) | (self.queries + cost > self.max_queries)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise BudgetError(
+                    f"query for image {i} refused: finished={not bool(self.open[i])}, charged "
+                    f"{int(self.queries[i])} + {int(cost[i])} > max_queries={self.max_queries} "
+                    f"(or the index repeats)"
+                )
+            self._valid = (idx, self._events, counts)
+        self.queries = self.queries + cost
+        self._spent += rm
         fooled_ok = None
         if self.kind == "score":
             xq = self.project(idx, x)
@@ -329,6 +352,7 @@ class QueryOracle:
         self.adv[imgs] = pts
         self.success[imgs] = True
         self.open[imgs] = False
+        self._events += 1
 
 
 def shrink(
@@ -344,6 +368,8 @@ def shrink(
     gathers from full-size tensors. The active set only shrinks; images that leave without being
     fooled hand their best point to the oracle: ``state[best]``, or ``best(state_rows)``.
     """
+    if oracle.all_alive(idx, cost):
+        return idx, list(state)
     keep = oracle.alive(idx, cost)
     if bool(keep.all()):
         return idx, list(state)

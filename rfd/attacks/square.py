@@ -140,8 +140,11 @@ class SquareAttack(Attack):
         ones = (bits * win).sum((2, 3))
         same = (ones == new.view(a, c) * (s * s)).all(1)
         if bool(same.any()):
-            r = torch.randint(1, 2**c, (a, 1), generator=g, device=dev)
-            flip = ((r >> torch.arange(c, device=dev)) & 1).to(dt) * same.unsqueeze(1).to(dt)
+            if c == 1:  # the only other pattern is the flipped sign
+                flip = same.to(dt)
+            else:
+                r = torch.randint(1, 2**c, (a, 1), generator=g, device=dev)
+                flip = ((r >> torch.arange(c, device=dev)) & 1).to(dt) * same.unsqueeze(1)
             new = (new - flip.view(a, c, 1, 1)).abs()
         cand = torch.lerp(bits, new, win)
         return cand, torch.lerp(lo, hi, cand)

@@ -31,8 +31,9 @@ def protect(
     Args:
         model: a classifier on [0, 1] images (``rfd.create_model``) or any ``nn.Module``.
         defense: ``"feature"`` (the paper's method), ``"input"`` (RND), ``"aaa"`` or ``"none"``.
-        layers: for ``"feature"``: ``"penultimate"``, a name from ``rfd.feature_layers(model)``, or
-            a list of names (then ``nu`` may be a list with one std per layer).
+        layers: for ``"feature"``: ``"penultimate"``, a name from ``rfd.feature_layers(model)``,
+            a list of names (then ``nu`` may be a list with one std per layer), or ``"auto"``
+            (needs ``data=<calibration loader>``; the layer ``rfd.analysis.auto_layer`` picks).
         nu: noise standard deviation (pixel units for ``"input"``, feature units for
             ``"feature"``); ignored by ``"aaa"`` and ``"none"``.
         seed: seed of the defense's own ``torch.Generator``; ``None`` draws one from the OS.
@@ -52,6 +53,8 @@ def protect(
     for v in nu if isinstance(nu, (list, tuple)) else [nu]:
         check_nu(v)
     if defense == "feature":
+        if layers == "auto":
+            layers = _auto_layer(model, opts)
         return FeatureNoise(model, layers=layers, nu=nu, seed=seed, **opts)
     if isinstance(nu, (list, tuple)):
         raise ValueError(f"defense {defense!r} takes one nu, got a list {list(nu)}")
@@ -60,3 +63,15 @@ def protect(
     if defense == "aaa":
         return AAA(model, **opts)
     return NoDefense(model, seed=seed, **opts)
+
+
+def _auto_layer(model: nn.Module, opts: dict[str, Any]) -> str:
+    """Resolve ``layers="auto"`` with the calibration data in ``opts["data"]``."""
+    from rfd.analysis import auto_layer
+
+    data = opts.get("data")
+    if data is None:
+        raise ValueError('layers="auto" needs data=<calibration DataLoader> to choose the layer')
+    if opts.get("scale") != "channel":
+        opts.pop("data")
+    return auto_layer(model, data)

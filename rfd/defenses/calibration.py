@@ -27,6 +27,8 @@ from rfd.defenses.base import eval_mode, model_device
 from rfd.defenses.noise import channel_std
 from rfd.models import file_hash, model_hash, resolve_layer
 
+AUTO = "auto"  # layers="auto": the layer rfd.analysis.auto_layer ranks most robust
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -134,6 +136,10 @@ def calibrate_report(
     n = sum(len(y) for _, y in batches)
     if n == 0:
         raise ValueError("calibration data is empty")
+    if defense == "feature" and layers == AUTO:
+        from rfd.analysis import auto_layer  # the rule is documented there
+
+        layers = auto_layer(model, batches, target_drop=target_drop, cache_dir=cache_dir)
     names = [layers] if isinstance(layers, str) else list(layers)
     resolved = [resolve_layer(model, s) for s in names] if defense == "feature" else ["input"]
     key = {
