@@ -112,14 +112,33 @@ class IndexedSubset(Dataset):
 
 
 class _EvalSplits:
-    """Mixin: the balanced evaluation subset and the disjoint calibration split of the test set."""
+    """Mixin: the standard loaders, the balanced evaluation subset and the disjoint calibration
+    split of the test set."""
 
+    train_set: Dataset
+    val_set: Dataset
     test_set: Dataset
     batch_size: int
     num_workers: int
 
     def test_labels(self) -> np.ndarray:
         raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def eval_indices(self, n: int, seed: int = 0) -> np.ndarray:
         return balanced_indices(self.test_labels(), n, seed)
@@ -320,22 +339,6 @@ class FashionMNISTDataModule(_EvalSplits, L.LightningDataModule):
         self.setup()
         return self._test_labels
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            drop_last=True,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.batch_size, num_workers=self.num_workers)
-
 
 # --------------------------------------------------------------------------- CIFAR10
 
@@ -492,22 +495,6 @@ class CIFAR10DataModule(_EvalSplits, L.LightningDataModule):
     def test_labels(self) -> np.ndarray:
         self.setup()
         return self._test_labels
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            drop_last=True,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
 def _main(argv: list[str] | None = None) -> int:
