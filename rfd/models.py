@@ -186,7 +186,10 @@ def model_hash(model: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()[: 1 << 16])
+        # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be byte-viewed
+        h.update(
+            v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()[: 1 << 16]
+        )
     return h.hexdigest()[:16]
 
 

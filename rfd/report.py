@@ -207,7 +207,10 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str
         table.add_column(h, justify="left" if i < 2 else "right")
     for r in rows:
         table.add_row(*r)
-    Console().print(table)
+    import sys
+
+    # Off a terminal (logs, CI) rich assumes 80 columns and truncates headers; give it room.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> dict[str, Path]:

@@ -110,7 +110,8 @@ def calibrate_report(
             same images in the same order.
         target_drop: wanted accuracy drop as a fraction (0.02 = 2 points).
         n_passes: noisy passes per evaluation; the drop is their mean.
-        tol: stop when the measured drop is within ``tol`` of the target.
+        tol: stop when the measured drop is within ``tol`` of the target (at least half of one
+            flip, ``0.5 / (n_images * n_passes)``: the drop cannot be measured finer).
         seed: noise seed restarted at every evaluation (common random numbers).
         cache_dir: folder for the JSON cache (default :func:`default_cache_dir`).
         use_cache: read and write the cache.
@@ -143,7 +144,7 @@ def calibrate_report(
     names = [layers] if isinstance(layers, str) else list(layers)
     resolved = [resolve_layer(model, s) for s in names] if defense == "feature" else ["input"]
     key = {
-        "model": file_hash(checkpoint) if checkpoint is not None else _weights_hash(model),
+        "model": file_hash(checkpoint) if checkpoint is not None else model_hash(model),
         "defense": defense,
         "layers": resolved,
         "target_drop": target_drop,
@@ -175,7 +176,8 @@ def calibrate_report(
             return history[-1][1]
 
         guess = nu_start or _start(model, defense, resolved, batches, opts)
-        nu = _search(evaluate, guess, target_drop, tol, max_evals)
+        resolution = 0.5 / (n * n_passes)
+        nu = _search(evaluate, guess, target_drop, max(tol, resolution), max_evals)
         net.remove()
 
     nu, drop, std = next(h for h in history if h[0] == nu)
@@ -268,19 +270,6 @@ def _xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> int:
     return int((net(x.to(device)).argmax(1).cpu() == y).sum())
-
-
-def _weights_hash(model: nn.Module) -> str:
-    try:
-        return model_hash(model)
-    except RuntimeError:
-        # rfd.models.model_hash cannot byte-view 0-dim integer buffers (BatchNorm's
-        # num_batches_tracked); hash flattened tensors until it does.
-        h = hashlib.sha256()
-        for k, v in sorted(model.state_dict().items()):
-            raw = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            h.update(k.encode() + raw[: 1 << 16].numpy().tobytes())
-        return h.hexdigest()[:16]
 
 
 def _fingerprint(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
