@@ -168,6 +168,9 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any] | None:
         ckpt = str(best) if best.exists() else None
         metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         result["test_acc"] = float(metrics[0]["test/acc"]) if metrics else None
+    for logger in cli.trainer.loggers:  # close the W&B run so a later one (evaluate) starts fresh
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
     if cli.trainer.is_global_zero:
         result_path.write_text(json.dumps(result, indent=2))
         print(
