@@ -48,7 +48,7 @@ class IndexedMean(Metric):
         self.value.append(value.detach().float().flatten())
 
     def compute(self) -> torch.Tensor:
-        if not self.index or (isinstance(self.index, list) and not len(self.index)):
+        if len(self.index) == 0:  # an empty list, before any update or sync
             return torch.tensor(float("nan"))
         idx, val = dim_zero_cat(self.index), dim_zero_cat(self.value)
         uniq, inverse = torch.unique(idx, return_inverse=True)

@@ -296,23 +296,19 @@ def load_model(entry: dict[str, Any], s: EvalSettings) -> LoadedModel:
     return LoadedModel(run_name, name, model, dm, ckpt)
 
 
-class EvalData:
-    """The evaluation subset and the calibration split as a LightningDataModule-like object."""
+def eval_datamodule(dm: Any, n_images: int, seed: int, batch_size: int) -> Any:
+    """The evaluation subset as ``test_dataloader`` plus the disjoint ``calibration_dataloader``
+    that ``NoiseDefense`` calibrates on."""
+    import lightning as L
 
-    def __init__(
-        self, dm: Any, n_images: int, seed: int, batch_size: int, n_calibration: int
-    ) -> None:
-        import lightning as L
+    class EvalData(L.LightningDataModule):
+        def test_dataloader(self):
+            return dm.eval_dataloader(n_images, seed=seed, batch_size=batch_size)
 
-        class _DM(L.LightningDataModule):
-            def test_dataloader(_self):  # noqa: N805
-                return dm.eval_dataloader(n_images, seed=seed, batch_size=batch_size)
+        def calibration_dataloader(self, n: int, seed: int = seed):
+            return dm.calibration_dataloader(n, seed=seed, batch_size=256, n_eval=n_images)
 
-            def calibration_dataloader(_self, n: int, seed: int = seed):  # noqa: N805
-                return dm.calibration_dataloader(n, seed=seed, batch_size=256, n_eval=n_images)
-
-        self.module = _DM()
-        self.n_calibration = n_calibration
+    return EvalData()
 
 
 # --------------------------------------------------------------------------- the grid
@@ -352,7 +348,7 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
     calib_curves: dict[str, list[tuple[float, float]]] = {}
     t_start = time.perf_counter()
     for lm in models:
-        data = EvalData(lm.datamodule, s.n_images, s.seed, s.batch_size, s.n_calibration)
+        data = eval_datamodule(lm.datamodule, s.n_images, s.seed, s.batch_size)
         for defense in s.defense:
             needs_nu = defense in ("input", "feature")
             cb_nu = s.nu if needs_nu else None
@@ -373,7 +369,7 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
                 print(
                     f"[{lm.display}] defense={defense} attack={attack} ({s.n_images} images, {budget} queries)"
                 )
-                trainer.test(module, datamodule=data.module, verbose=False)
+                trainer.test(module, datamodule=data, verbose=False)
                 if not trainer.is_global_zero:
                     continue
                 rows = module.existing_records() or module.records
