@@ -8,8 +8,10 @@ where the papers define them, and that no caller can forget or double-apply a no
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +193,24 @@ def model_hash(model: nn.Module) -> str:
             v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()[: 1 << 16]
         )
     return h.hexdigest()[:16]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a stateless module)."""
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for a measurement, then every submodule's own mode back (frozen BN included)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 # --------------------------------------------------------------------------- layer names

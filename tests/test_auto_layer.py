@@ -6,6 +6,7 @@ import pytest
 
 import rfd
 from rfd.analysis import auto_layer
+from rfd.defenses import calibration
 from rfd.models import resolve_layer
 
 
@@ -21,5 +22,13 @@ def test_protect_and_calibrate_accept_auto(trained_fmnist, tmp_path) -> None:
         model, "feature", layers="auto", data=data, target_drop=0.04, cache_dir=str(tmp_path)
     )
     assert nu > 0
+    # the public report resolves "auto" as rfd.calibrate does; the core search refuses it
+    report = rfd.defenses.calibrate_report(
+        model, "feature", layers="auto", data=data, target_drop=0.04, cache_dir=str(tmp_path)
+    )
+    again = auto_layer(model, data, target_drop=0.04, cache_dir=str(tmp_path))
+    assert report.nu == nu and report.layers == [resolve_layer(model, again)]
+    with pytest.raises(ValueError, match="concrete layer"):
+        calibration.calibrate_report(model, "feature", "auto", data=data)
     with pytest.raises(ValueError, match='layers="auto" needs data'):
         rfd.protect(model, "feature", layers="auto", nu=0.3)

@@ -54,8 +54,7 @@ from rfd.analysis.gradients import (
     layer_gradients,
     margin_loss,
 )
-from rfd.defenses.base import eval_mode, model_device
-from rfd.models import resolve_layer
+from rfd.models import eval_mode, model_device, resolve_layer
 
 PROBES = ("gaussian", "square")
 

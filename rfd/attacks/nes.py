@@ -3,11 +3,13 @@
 Ilyas, Engstrom, Athalye, Lin. "Black-box Adversarial Attacks with Limited Queries and
 Information." ICML 2018.
 
-Each iteration estimates the gradient of the margin loss from antithetic Gaussian probes
+Each step estimates the gradient of the margin loss from antithetic Gaussian probes
 ``x ± sigma * u`` and takes a projected step: a sign step for Linf (PGD-style), a normalized
 gradient step for L2. The current iterate is queried with its probes (one extra query per
-iteration): without it, an iterate that is already adversarial would go unnoticed, and the
-published code's habit of checking it for free would undercount the budget.
+step): without it, an iterate that is already adversarial would go unnoticed, and the published
+code's habit of checking it for free would undercount the budget. The probes are laid out as
+``[x, +u1, -u1, +u2, -u2, ...]`` so that a last step with fewer queries left still sends whole
+pairs; ``observe`` redraws the same ``u`` from the step's keyed stream instead of storing them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, QueryOracle, select, shrink
+from rfd.attacks.base import Attack, Reply, State, View, select
 
 
 class NESAttack(Attack):
@@ -28,12 +30,15 @@ class NESAttack(Attack):
     """
 
     name = "nes"
+    title = "NES"
+    order = 20
     kind = "score"
     norms = ("linf", "l2")
     defaults: dict[str, dict[str, Any]] = {
         "linf": {"samples": 60, "fd_eta": 0.01, "lr": 0.005},
         "l2": {"samples": 30, "fd_eta": 0.005, "lr": 1.0},
     }
+    min_queries = 3  # the iterate and one antithetic pair
 
     def __init__(
         self,
@@ -47,45 +52,45 @@ class NESAttack(Attack):
             raise ValueError(f"nes samples must be an even number >= 2, got {self.samples}")
         if self.fd_eta <= 0 or self.lr <= 0:
             raise ValueError(f"nes fd_eta and lr must be > 0, got {self.fd_eta}, {self.lr}")
+        self.pairs = int(self.samples) // 2
 
-    def run(self, oracle: QueryOracle) -> None:
-        pairs = int(self.samples) // 2
-        idx = oracle.active(3)
-        if idx.numel() == 0:
-            return
-        x0 = oracle.images[idx]
-        state = [x0.clone(), x0, torch.full((len(idx),), float("inf"), device=x0.device), x0]
-        shape = x0.shape[1:]
-        u = probes = torch.empty(0)
-        while True:
-            # All attacked images spend in lockstep; the last iteration uses fewer pairs so that
-            # the budget is used up rather than left over.
-            idx, state = shrink(oracle, idx, state, cost=3, best=0)
-            if idx.numel() == 0:
-                return
-            k = min(pairs, (int(oracle.remaining(idx).min()) // oracle.eot - 1) // 2)
-            best, x, best_m, x0 = state
-            a = len(idx)
-            if u.shape[:2] != (a, k):  # the big buffers live until the active set shrinks
-                u = torch.empty((a, k, *shape), device=x.device, dtype=x.dtype)
-                probes = torch.empty((a, 2 * k + 1, *shape), device=x.device, dtype=x.dtype)
-            u.normal_(generator=oracle.generator)
-            probes[:, 0] = x
-            xe = x.unsqueeze(1)
-            torch.add(xe, u, alpha=self.fd_eta, out=probes[:, 1 : k + 1])
-            torch.sub(xe, u, alpha=self.fd_eta, out=probes[:, k + 1 :])
-            m = oracle.margin(idx, probes)  # (A, 2k + 1): one call, the oracle's grouped form
-            better = m[:, 0] < best_m
-            best = select(better, x, best)
-            best_m = torch.minimum(best_m, m[:, 0])
-            diff = (m[:, 1 : k + 1] - m[:, k + 1 :]) / (2 * k * self.fd_eta)
-            grad = torch.einsum("ak,ak...->a...", diff, u)
-            x = self._step(oracle, idx, x, grad)
-            state = [best, x, best_m, x0]
+    def steps_hint(self) -> int:
+        return 2 * self.pairs + 1
 
-    def _step(self, oracle: QueryOracle, idx: Tensor, x: Tensor, grad: Tensor) -> Tensor:
+    def queries(self, remaining: Tensor) -> Tensor:
+        # the last step uses fewer pairs so that the budget is used up rather than left over
+        return 2 * torch.clamp((remaining - 1) // 2, max=self.pairs) + 1
+
+    def init(self, view: View) -> State:
+        x0 = view.x0
+        inf = torch.full((len(view),), float("inf"), device=x0.device)
+        return {"x": x0.clone(), "best": x0.clone(), "best_m": inf}
+
+    def _probes(self, view: View) -> Tensor:
+        return view.rng.stream("u").normal((self.pairs, *view.x0.shape[1:]), view.x0.dtype)
+
+    def propose(self, view: View, state: State) -> Tensor:
+        x = state["x"]
+        u = self._probes(view) * self.fd_eta  # (A, k, C, H, W)
+        xe = x.unsqueeze(1)
+        pairs = torch.stack([xe + u, xe - u], 2).flatten(1, 2)  # +u1, -u1, +u2, -u2, ...
+        return torch.cat([xe, pairs], 1)
+
+    def observe(self, view: View, state: State, reply: Reply) -> State:
+        x, m = state["x"], reply.margin  # (A, 1 + 2k)
+        better = m[:, 0] < state["best_m"]
+        best = select(better, x, state["best"])
+        best_m = torch.minimum(state["best_m"], m[:, 0])
+        k = (self.queries(view.remaining) - 1) // 2  # pairs actually sent per image
+        valid = torch.arange(self.pairs, device=x.device).unsqueeze(0) < k.unsqueeze(1)
+        diff = (m[:, 1::2] - m[:, 2::2]) * valid / (2 * k.unsqueeze(1) * self.fd_eta)
+        grad = torch.einsum("ak,ak...->a...", diff, self._probes(view))
         # Descend the margin: it is the attacker's loss and turns negative once fooled.
         if self.norm == "linf":
-            return oracle.project(idx, x - self.lr * grad.sign())
-        norm = grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
-        return oracle.project(idx, x - self.lr * grad / norm)
+            step = grad.sign()
+        else:
+            step = grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
+        return {"x": view.project(x - self.lr * step), "best": best, "best_m": best_m}
+
+    def best(self, view: View, state: State) -> Tensor:
+        return state["best"]

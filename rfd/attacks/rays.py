@@ -5,8 +5,9 @@ Chen, Gu. "RayS: A Ray Searching Method for Hard-label Adversarial Attack." KDD 
 RayS searches over sign directions ``s`` for the one whose ray ``x + r * s`` crosses the decision
 boundary closest to ``x`` (in Linf, ``r`` is the distance). Directions are explored by flipping
 blocks of signs, halving block size level by level; a candidate is first checked at the current
-best radius (one query) and only binary-searched if it beats it. Success is decided per image by
-the oracle: the first verified adversarial query inside the epsilon ball, never a batch-summed
+best radius (one query) and only binary-searched if it beats it. Each image walks this as its own
+state machine (check, then search, then the next block). Success is decided per image by the
+engine: the first verified adversarial query inside the epsilon ball, never a batch-summed
 distance as in the published batched code.
 """
 
@@ -18,7 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, QueryOracle, select, shrink
+from rfd.attacks.base import Attack, Reply, State, View, select
+
+CHECK, SEARCH = 0, 1
 
 
 class RayS(Attack):
@@ -29,6 +32,8 @@ class RayS(Attack):
     """
 
     name = "rays"
+    title = "RayS"
+    order = 40
     kind = "decision"
     norms = ("linf",)
     defaults: dict[str, dict[str, Any]] = {"linf": {"tol": 1e-3}}
@@ -38,50 +43,68 @@ class RayS(Attack):
         if not self.tol > 0:
             raise ValueError(f"rays tol must be > 0, got {self.tol}")
 
-    def run(self, oracle: QueryOracle) -> None:
-        idx = oracle.active(1)
-        if idx.numel() == 0:
-            return
-        shape = oracle.images.shape[1:]
-        x0 = oracle.images[idx].flatten(1)
-        d = x0.shape[1]
-        tol = self.tol / math.sqrt(d)
-        sgn = torch.ones_like(x0)
-        dist = torch.full((len(idx),), float("inf"), device=x0.device)  # best Linf radius
-        level, block = 0, 0
-        state = [x0, sgn, dist]
-        while True:
-            idx, state = shrink(oracle, idx, state, best=None)
-            if idx.numel() == 0:
-                return
-            x0, sgn, dist = state
-            size = math.ceil(d / 2**level)
-            start, end = block * size, min(d, (block + 1) * size)
-            att = sgn.clone()
-            att[:, start:end] *= -1
-            # Radius 1 already reaches the corner of [0, 1]^d along any sign direction.
-            hi = dist.clamp(max=1.0)
-            found = oracle.is_adversarial(idx, self._point(x0, att, hi, shape))
-            lo = torch.zeros_like(hi)
-            search = found & (hi - lo > tol)
-            while True:
-                search &= oracle.alive(idx)
-                if not bool(search.any()):
-                    break
-                rows = search.nonzero()[:, 0]
-                mid = (lo[rows] + hi[rows]) / 2
-                adv = oracle.is_adversarial(idx[rows], self._point(x0[rows], att[rows], mid, shape))
-                hi[rows] = torch.where(adv, mid, hi[rows])
-                lo[rows] = torch.where(adv, lo[rows], mid)
-                search[rows] = hi[rows] - lo[rows] > tol
-            better = found & (hi < dist)
-            dist = torch.where(better, hi, dist)
-            sgn = select(better, att, sgn)
-            state = [x0, sgn, dist]
-            block += 1
-            if block == 2**level or end == d:
-                level, block = level + 1, 0
+    def init(self, view: View) -> State:
+        a, d = len(view), view.x0[0].numel()
+        dev = view.x0.device
+        zero = torch.zeros(a, dtype=torch.long, device=dev)
+        zf = torch.zeros(a, device=dev)
+        return {
+            "sgn": torch.ones((a, d), dtype=view.x0.dtype, device=dev),
+            "dist": torch.full((a,), float("inf"), device=dev),  # best Linf radius so far
+            "level": zero,
+            "block": zero.clone(),
+            "phase": zero.clone(),
+            "lo": zf,
+            "hi": zf.clone(),
+        }
 
-    @staticmethod
-    def _point(x0: Tensor, direction: Tensor, radius: Tensor, shape: torch.Size) -> Tensor:
-        return (x0 + radius.unsqueeze(1) * direction).clamp(0.0, 1.0).view(-1, *shape)
+    def _attempt(self, state: State) -> Tensor:
+        """The current direction with this step's block flipped."""
+        sgn, level, block = state["sgn"], state["level"], state["block"]
+        d = sgn.shape[1]
+        size = torch.ceil(d / 2.0 ** level.double()).long()
+        ar = torch.arange(d, device=sgn.device)
+        flip = (ar >= (block * size).unsqueeze(1)) & (ar < ((block + 1) * size).unsqueeze(1))
+        return sgn * (1 - 2 * flip.to(sgn.dtype))
+
+    def _radius(self, state: State) -> Tensor:
+        # Radius 1 already reaches the corner of [0, 1]^d along any sign direction.
+        check = state["dist"].clamp(max=1.0)
+        return torch.where(state["phase"] == CHECK, check, (state["lo"] + state["hi"]) / 2)
+
+    def propose(self, view: View, state: State) -> Tensor:
+        x0 = view.x0.flatten(1)
+        point = x0 + self._radius(state).unsqueeze(1) * self._attempt(state)
+        return point.clamp(0.0, 1.0).view_as(view.x0)
+
+    def observe(self, view: View, state: State, reply: Reply) -> State:
+        adv = reply.adversarial[:, 0]
+        tol = self.tol / math.sqrt(state["sgn"].shape[1])
+        check = state["phase"] == CHECK
+        mid = (state["lo"] + state["hi"]) / 2
+        # check: lo = 0, hi = the tried radius; search: halve the bracket
+        hi = torch.where(check, state["dist"].clamp(max=1.0), torch.where(adv, mid, state["hi"]))
+        lo = torch.where(check, torch.zeros_like(mid), torch.where(adv, state["lo"], mid))
+        searching = (check & adv | ~check) & (hi - lo > tol)
+        found = ~check | adv  # a search only starts from a found direction
+        finish = ~searching
+        better = finish & found & (hi < state["dist"])
+        att = self._attempt(state)
+        sgn = select(better, att, state["sgn"])
+        dist = torch.where(better, hi, state["dist"])
+        level, block = state["level"], state["block"]
+        d = sgn.shape[1]
+        size = torch.ceil(d / 2.0 ** level.double()).long()
+        nxt = block + 1
+        wrap = (nxt == 2**level) | ((block + 1) * size >= d)
+        new_block = torch.where(wrap, 0, nxt)
+        new_level = torch.where(wrap, level + 1, level)
+        return {
+            "sgn": sgn,
+            "dist": dist,
+            "level": torch.where(finish, new_level, level),
+            "block": torch.where(finish, new_block, block),
+            "phase": torch.where(searching, SEARCH, CHECK),
+            "lo": lo,
+            "hi": hi,
+        }

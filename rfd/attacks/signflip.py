@@ -4,12 +4,14 @@ Chen, Zhang, Hu, Wu. "Boosting Decision-based Black-box Adversarial Attacks with
 Flip." ECCV 2020.
 
 Start from a random image that is already misclassified, binary-search it towards the original
-in Linf (10 steps), then alternate two steps per iteration, each one query and kept only if the
-point stays adversarial: (1) a random +-alpha perturbation projected onto a slightly smaller Linf
-ball, shrinking the perturbation; (2) flipping the sign of a few random coordinates of the
+in Linf (10 steps), then alternate two steps, each one query and kept only if the point stays
+adversarial: (1) a random +-alpha perturbation projected onto a slightly smaller Linf ball,
+shrinking the perturbation; (2) flipping the sign of a few random coordinates of the
 perturbation. Every ``adapt_every`` iterations, alpha and the flip probabilities adapt to the
 acceptance rates. Unlike the published code, the random initialization and the binary search are
 charged to the budget; success is the first verified adversarial query inside the epsilon ball.
+Each image walks these phases on its own; ``observe`` redraws a step's random signs from the
+step's keyed stream instead of storing them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, QueryOracle, select, shrink
+from rfd.attacks.base import Attack, Reply, State, View, select
+
+INIT, SEARCH, PROJECT, FLIP = 0, 1, 2, 3
 
 
 class SignFlip(Attack):
@@ -32,6 +36,8 @@ class SignFlip(Attack):
     """
 
     name = "signflip"
+    title = "SignFlip"
+    order = 50
     kind = "decision"
     norms = ("linf",)
     defaults: dict[str, dict[str, Any]] = {
@@ -69,81 +75,128 @@ class SignFlip(Attack):
         if self.alpha <= 0 or self.search_steps < 0 or self.adapt_every < 1:
             raise ValueError("signflip needs alpha > 0, search_steps >= 0, adapt_every >= 1")
 
-    def run(self, oracle: QueryOracle) -> None:
-        idx = oracle.active(1)
-        if idx.numel() == 0:
-            return
-        g = oracle.generator
-        x0 = oracle.images[idx]
-        # 1. Uniform random images until each one is misclassified (each try is a query).
-        xa = torch.rand(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
-        have = oracle.is_adversarial(idx, xa)
-        while True:
-            need = ~have & oracle.alive(idx)
-            if not bool(need.any()):
-                break
-            r = need.nonzero()[:, 0]
-            xa[r] = torch.rand(xa[r].shape, generator=g, device=x0.device, dtype=x0.dtype)
-            have[r] = oracle.is_adversarial(idx[r], xa[r])
-        idx, x0, xa = idx[have], x0[have], xa[have]
-        # 2. Linf binary search between the original and the random image.
-        lo = torch.zeros(len(idx), device=x0.device)
-        hi = (xa - x0).flatten(1).abs().amax(1)
-        for _ in range(int(self.search_steps)):
-            r = oracle.alive(idx).nonzero()[:, 0]
-            if r.numel() == 0:
-                break
-            mid = (lo[r] + hi[r]) / 2
-            adv = oracle.is_adversarial(idx[r], _toward(xa[r], x0[r], mid))
-            hi[r] = torch.where(adv, mid, hi[r])
-            lo[r] = torch.where(adv, lo[r], mid)
-        delta = _toward(xa, x0, hi) - x0
-        self._flip_loop(oracle, idx, x0, delta)
+    def init(self, view: View) -> State:
+        x0 = view.x0
+        a, dev = len(view), x0.device
+        zero = torch.zeros(a, device=dev)
+        izero = torch.zeros(a, dtype=torch.long, device=dev)
+        return {
+            "phase": izero,
+            "xa": x0.clone(),  # the adversarial starting point (phases INIT and SEARCH)
+            "lo": zero,
+            "hi": zero.clone(),
+            "count": izero.clone(),  # binary-search steps done; then iterations done
+            "delta": torch.zeros_like(x0),
+            "alpha": torch.full((a,), float(self.alpha), device=dev),
+            "prob": torch.full_like(x0, float(self.keep_prob)),
+            "acc_proj": zero.clone(),
+            "acc_flip": zero.clone(),
+        }
 
-    def _flip_loop(self, oracle: QueryOracle, idx: Tensor, x0: Tensor, delta: Tensor) -> None:
-        g, a = oracle.generator, len(idx)
-        alpha = torch.full((a,), float(self.alpha), device=x0.device)
-        prob = torch.full_like(x0, float(self.keep_prob))
-        acc_proj = torch.zeros(a, device=x0.device)
-        acc_flip = torch.zeros(a, device=x0.device)
-        state = [x0, delta, alpha, prob, acc_proj, acc_flip]
-        it = 0
-        while True:
-            idx, state = shrink(oracle, idx, state, best=None)
-            if idx.numel() == 0:
-                return
-            x0, delta, alpha, prob, acc_proj, acc_flip = state
-            it += 1
-            # Projection step: a random +-alpha move, then into the Linf ball of radius l - alpha.
-            sign = (
-                torch.randint(0, 2, x0.shape, generator=g, device=x0.device, dtype=x0.dtype) * 2 - 1
-            )
-            radius = (delta.flatten(1).abs().amax(1) - alpha).clamp(min=0).view(-1, 1, 1, 1)
-            cand = torch.maximum(
-                torch.minimum(delta + sign * alpha.view(-1, 1, 1, 1), radius), -radius
-            )
-            ok = oracle.is_adversarial(idx, (x0 + cand).clamp(0.0, 1.0))
-            delta = select(ok, cand, delta)
-            acc_proj += ok
-            # Sign-flip step, for the images that can still pay for it.
-            r = oracle.alive(idx).nonzero()[:, 0]
-            if r.numel():
-                s = torch.bernoulli(prob[r], generator=g) * 2 - 1
-                cand = delta[r] * s
-                ok = oracle.is_adversarial(idx[r], (x0[r] + cand).clamp(0.0, 1.0))
-                okf = ok.to(s.dtype).view(-1, 1, 1, 1)
-                prob[r] = (prob[r] - okf * s * 1e-4).clamp(self.prob_min, self.prob_max)
-                delta[r] = select(ok, cand, delta[r])
-                acc_flip[r] += ok
-            if it % int(self.adapt_every) == 0:
-                rate_p, rate_f = acc_proj / self.adapt_every, acc_flip / self.adapt_every
-                alpha = torch.where(rate_p > 0.7, alpha * 1.5, alpha)
-                alpha = torch.where(rate_p < 0.3, alpha / 1.5, alpha)
-                shift = (rate_f < 0.3).to(prob.dtype) * 1e-3 - (rate_f > 0.7).to(prob.dtype) * 1e-3
-                prob = (prob + shift.view(-1, 1, 1, 1)).clamp(self.prob_min, self.prob_max)
-                acc_proj.zero_()
-                acc_flip.zero_()
-            state = [x0, delta, alpha, prob, acc_proj, acc_flip]
+    # -- the candidate of each phase, recomputable from (state, the step's keyed stream)
+    def _random(self, view: View) -> Tensor:
+        return view.rng.stream("init").uniform(view.x0.shape[1:], view.x0.dtype)
+
+    def _projected(self, view: View, state: State) -> Tensor:
+        delta, alpha = state["delta"], state["alpha"].view(-1, 1, 1, 1)
+        sign = view.rng.stream("sign").bits01(delta.shape[1:], delta.dtype) * 2 - 1
+        radius = (delta.flatten(1).abs().amax(1).view(-1, 1, 1, 1) - alpha).clamp(min=0)
+        return torch.maximum(torch.minimum(delta + sign * alpha, radius), -radius)
+
+    def _flips(self, view: View, state: State) -> Tensor:
+        return view.rng.stream("flip").bernoulli(state["prob"]).to(state["delta"].dtype) * 2 - 1
+
+    def propose(self, view: View, state: State) -> Tensor:
+        x0, phase = view.x0, state["phase"]
+        out = torch.empty_like(x0)
+        for ph, make in (
+            (INIT, lambda v, s: self._random(v)),
+            (SEARCH, lambda v, s: _toward(s["xa"], v.x0, (s["lo"] + s["hi"]) / 2)),
+            (PROJECT, lambda v, s: (v.x0 + self._projected(v, s)).clamp(0.0, 1.0)),
+            (FLIP, lambda v, s: (v.x0 + s["delta"] * self._flips(v, s)).clamp(0.0, 1.0)),
+        ):
+            m = (phase == ph).nonzero()[:, 0]
+            if m.numel():
+                out[m] = make(view.subset(m), {k: t[m] for k, t in state.items()})
+        return out
+
+    def observe(self, view: View, state: State, reply: Reply) -> State:
+        st = {k: t.clone() for k, t in state.items()}
+        ok = reply.adversarial[:, 0]
+        for ph, step in (
+            (INIT, self._after_init),
+            (SEARCH, self._after_search),
+            (PROJECT, self._after_project),
+            (FLIP, self._after_flip),
+        ):
+            m = (state["phase"] == ph).nonzero()[:, 0]
+            if m.numel():
+                sub = {k: t[m] for k, t in state.items()}
+                new = step(view.subset(m), sub, ok[m], reply.x[m, 0])
+                for k, t in new.items():
+                    st[k][m] = t
+        return st
+
+    def _after_init(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
+        # 1. uniform random images until one is misclassified (each try is a query)
+        xa = select(ok, x, s["xa"])
+        hi = (xa - view.x0).flatten(1).abs().amax(1)
+        phase = torch.where(ok, SEARCH, INIT)
+        s = {**s, "xa": xa, "hi": torch.where(ok, hi, s["hi"]), "lo": torch.zeros_like(hi)}
+        if self.search_steps == 0:
+            return self._start_flips(view, s, ok)
+        return {**s, "phase": phase}
+
+    def _after_search(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
+        # 2. Linf binary search between the original and the random image
+        mid = (s["lo"] + s["hi"]) / 2
+        s = {**s, "hi": torch.where(ok, mid, s["hi"]), "lo": torch.where(ok, s["lo"], mid)}
+        s["count"] = s["count"] + 1
+        return self._start_flips(view, s, s["count"] >= int(self.search_steps))
+
+    def _start_flips(self, view: View, s: State, go: Tensor) -> State:
+        delta = _toward(s["xa"], view.x0, s["hi"]) - view.x0
+        return {
+            **s,
+            "delta": select(go, delta, s["delta"]),
+            "phase": torch.where(go, PROJECT, s["phase"]),
+            "count": torch.where(go, 0, s["count"]),
+        }
+
+    def _after_project(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
+        # 3. a random +-alpha move, projected into the Linf ball of radius l - alpha
+        cand = self._projected(view, s)
+        return {
+            **s,
+            "delta": select(ok, cand, s["delta"]),
+            "acc_proj": s["acc_proj"] + ok,
+            "phase": torch.full_like(s["phase"], FLIP),
+        }
+
+    def _after_flip(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
+        # 4. flip the signs of a few random coordinates; adapt every `adapt_every` iterations
+        flips = self._flips(view, s)
+        okf = ok.to(flips.dtype).view(-1, 1, 1, 1)
+        prob = (s["prob"] - okf * flips * 1e-4).clamp(self.prob_min, self.prob_max)
+        delta = select(ok, s["delta"] * flips, s["delta"])
+        acc_proj, acc_flip = s["acc_proj"], s["acc_flip"] + ok
+        alpha, it = s["alpha"], s["count"] + 1
+        adapt = it % int(self.adapt_every) == 0
+        rate_p, rate_f = acc_proj / self.adapt_every, acc_flip / self.adapt_every
+        new_alpha = torch.where(rate_p > 0.7, alpha * 1.5, alpha)
+        new_alpha = torch.where(rate_p < 0.3, new_alpha / 1.5, new_alpha)
+        shift = (rate_f < 0.3).to(prob.dtype) * 1e-3 - (rate_f > 0.7).to(prob.dtype) * 1e-3
+        adapted = (prob + shift.view(-1, 1, 1, 1)).clamp(self.prob_min, self.prob_max)
+        return {
+            **s,
+            "delta": delta,
+            "prob": select(adapt, adapted, prob),
+            "alpha": torch.where(adapt, new_alpha, alpha),
+            "acc_proj": torch.where(adapt, 0.0, acc_proj),
+            "acc_flip": torch.where(adapt, 0.0, acc_flip),
+            "count": it,
+            "phase": torch.full_like(s["phase"], PROJECT),
+        }
 
 
 def _toward(xa: Tensor, x0: Tensor, radius: Tensor) -> Tensor:

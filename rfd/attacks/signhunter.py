@@ -7,7 +7,7 @@ difference probe equals eps, so every query is itself a candidate adversarial ex
 contiguous chunks of ``s``, halving the chunk length level by level, and keeps a flip only if the
 margin loss does not increase. For L2 the sign vector is scaled onto the L2 sphere,
 ``x + eps * s / sqrt(d)``, as BlackboxBench does. Unlike the published code, every query is
-clipped to [0, 1].
+clipped to [0, 1]. Each image keeps its own level and chunk position.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, QueryOracle, shrink
+from rfd.attacks.base import Attack, Reply, State, View
 
 
 class SignHunter(Attack):
@@ -28,6 +28,8 @@ class SignHunter(Attack):
     """
 
     name = "signhunter"
+    title = "SignHunt"
+    order = 30
     kind = "score"
     norms = ("linf", "l2")
     defaults: dict[str, dict[str, Any]] = {"linf": {}, "l2": {}}
@@ -35,53 +37,63 @@ class SignHunter(Attack):
     def __init__(self, norm: str = "linf") -> None:
         super().__init__(norm)
 
-    def run(self, oracle: QueryOracle) -> None:
-        idx = oracle.active(1)
-        if idx.numel() == 0:
-            return
-        x0 = oracle.images[idx]
-        d = x0[0].numel()
+    # State: ``up`` the sign vector as 0/1 floats (1 = +eps), ``best`` the margin of the kept
+    # signs (+inf until the all-plus vertex has been answered), and the hierarchy position.
+    def init(self, view: View) -> State:
+        a, d = len(view), view.x0[0].numel()
+        dev = view.x0.device
+        zero = torch.zeros(a, dtype=torch.long, device=dev)
+        return {
+            "up": torch.ones((a, d), dtype=view.x0.dtype, device=dev),
+            "best": torch.full((a,), float("inf"), device=dev),
+            "level": zero,
+            "chunk": zero.clone(),
+        }
+
+    def _mask(self, state: State) -> Tensor:
+        """The chunk each image flips this step (nothing before its first answer)."""
+        up, level, chunk = state["up"], state["level"], state["chunk"]
+        d = up.shape[1]
+        size = torch.ceil(d / 2.0 ** level.double()).long()
+        start, end = chunk * size, torch.clamp((chunk + 1) * size, max=d)
+        ar = torch.arange(d, device=up.device)
+        started = torch.isfinite(state["best"]).unsqueeze(1)
+        return (ar >= start.unsqueeze(1)) & (ar < end.unsqueeze(1)) & started
+
+    def _vertex(self, view: View, up: Tensor) -> Tensor:
+        up = up.view_as(view.x0)
         if self.norm == "linf":
-            extra = [oracle.lower[idx], oracle.upper[idx]]
-        else:  # the sphere's "vertices" x + step * s, step = eps / sqrt(d); kept as x - step
-            step = oracle.eps / math.sqrt(d)
-            extra = [x0 - step, torch.full_like(x0[:, :1, :1, :1], 2 * step)]
-        # The sign vector as 0/1 floats (1 = +eps): plain float arithmetic on the hot path.
-        up = torch.ones((len(idx), d), dtype=x0.dtype, device=x0.device)
-        best = oracle.margin(idx, _vertex([up, *extra]))
-        level, chunk_i, top = 0, 0, math.ceil(math.log2(d))
-        state = [up, *extra, best]
-        while True:
-            idx, state = shrink(oracle, idx, state, best=_vertex)
-            if idx.numel() == 0:
-                return
-            up, *extra, best = state
-            size = math.ceil(d / 2**level)
-            start, end = chunk_i * size, min(d, (chunk_i + 1) * size)
-            chunk = up[:, start:end]
-            chunk.neg_().add_(1.0)  # flip the chunk's signs in place
-            m = oracle.margin(idx, _vertex([up, *extra]))
-            worse = m > best  # ties keep the flip, as in the original
-            chunk.sub_(worse.to(up.dtype).unsqueeze(1)).abs_()  # undo the flip where worse
-            best = torch.minimum(best, m)
-            state = [up, *extra, best]
-            chunk_i += 1
-            if chunk_i == 2**level or end == d:
-                level, chunk_i = level + 1, 0
-                if level == top + 1:
-                    # All levels done: restart the hierarchy from the current signs. Queries stay
-                    # vertices of the ball around the original, so the center never moves.
-                    level = 0
+            return torch.lerp(view.lower, view.upper, up)
+        step = view.eps / math.sqrt(view.x0[0].numel())
+        return (view.x0 + step * (2 * up - 1)).clamp_(0.0, 1.0)
 
+    def propose(self, view: View, state: State) -> Tensor:
+        up = state["up"]
+        state["mask"] = mask = self._mask(state)  # scratch for observe
+        return self._vertex(view, (up - mask.to(up.dtype)).abs())
 
-def _vertex(state: list[Tensor]) -> Tensor:
-    """The query point of the sign state ``[up, a, b, ...]``.
+    def observe(self, view: View, state: State, reply: Reply) -> State:
+        up, best, level, chunk = state["up"], state["best"], state["level"], state["chunk"]
+        mask = state["mask"]
+        m = reply.margin[:, 0]
+        keep = (m <= best).unsqueeze(1) & mask  # ties keep the flip, as in the original
+        up = (up - keep.to(up.dtype)).abs()
+        started = torch.isfinite(best)
+        d = up.shape[1]
+        size = torch.ceil(d / 2.0 ** level.double()).long()
+        end = torch.clamp((chunk + 1) * size, max=d)
+        nxt = chunk + 1
+        wrap = (nxt == 2**level) | (end == d)
+        top = math.ceil(math.log2(d))
+        # all levels done: restart the hierarchy from the current signs (the queries stay
+        # vertices of the ball around the original, so the center never moves)
+        new_level = torch.where(wrap, torch.where(level + 1 == top + 1, 0, level + 1), level)
+        return {
+            "up": up,
+            "best": torch.minimum(best, m),
+            "level": torch.where(started, new_level, level),
+            "chunk": torch.where(started, torch.where(wrap, 0, nxt), chunk),
+        }
 
-    Linf: ``lerp(lower, upper, up)``, the box vertex. L2: ``(x - step) + 2 * step * up`` clamped
-    to [0, 1], i.e. ``x + step * s`` with ``s = 2 * up - 1``.
-    """
-    up, a, b = state[0], state[1], state[2]
-    up = up.view_as(a)
-    if b.shape == a.shape:
-        return torch.lerp(a, b, up)
-    return torch.addcmul(a, up, b).clamp_(0.0, 1.0)
+    def best(self, view: View, state: State) -> Tensor:
+        return self._vertex(view, state["up"])

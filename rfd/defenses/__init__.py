@@ -6,24 +6,43 @@
     with rfd.protect(model, defense="input", nu=0.02) as net:
         logits = net(x)
     nu = rfd.calibrate(model, defense="feature", data=calibration_loader, target_drop=0.02)
+
+``DEFENSES`` maps each registered name to its class. Every module of this package is imported
+here, and defining a :class:`Defense` subclass with a ``name`` registers it, so a new defense is
+one module (plus its ``configs/defense/<name>.yaml`` and tests), nothing else.
 """
 
-from rfd.defenses.aaa import AAA, aaa_logits
-from rfd.defenses.api import DEFENSES, protect
-from rfd.defenses.base import Defended, NoDefense
-from rfd.defenses.calibration import Calibration, calibrate, calibrate_report, default_cache_dir
-from rfd.defenses.callback import NoiseDefense
-from rfd.defenses.noise import FeatureNoise, InputNoise, channel_std
+import importlib
+import pkgutil
+
+from rfd.defenses.base import DEFENSES, Defended, Defense, NoDefense
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+_sorted = sorted(DEFENSES.items(), key=lambda kv: (kv[1].order, kv[0]))
+DEFENSES.clear()
+DEFENSES.update(_sorted)
+
+from rfd.defenses.aaa import AAA, aaa_logits  # noqa: E402
+from rfd.defenses.api import calibrate, calibrate_report, protect  # noqa: E402
+from rfd.defenses.calibration import Calibration, default_cache_dir  # noqa: E402
+from rfd.defenses.callback import NoiseDefense  # noqa: E402
+from rfd.defenses.noise import FeatureNoise, InputNoise, channel_std  # noqa: E402
+from rfd.defenses.rows import PRECISIONS, NoiseSpec, RowForward  # noqa: E402
 
 __all__ = [
     "AAA",
     "DEFENSES",
+    "PRECISIONS",
     "Calibration",
     "Defended",
+    "Defense",
     "FeatureNoise",
     "InputNoise",
     "NoDefense",
     "NoiseDefense",
+    "NoiseSpec",
+    "RowForward",
     "aaa_logits",
     "calibrate",
     "calibrate_report",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rfd.defenses.base import Defended
+from rfd.defenses.base import Defense
 
 
 def aaa_logits(
@@ -61,8 +61,10 @@ def aaa_logits(
     return z.to(logits.dtype)
 
 
-class AAA(Defended):
+class AAA(Defense):
     """A model whose logits go through :func:`aaa_logits` (defaults from the AAA paper).
+
+    Deterministic: ``seed`` is accepted for a uniform interface and unused.
 
     Args:
         model: the classifier.
@@ -73,11 +75,14 @@ class AAA(Defended):
         steps: Adam steps.
     """
 
-    defense = "aaa"
+    name = "aaa"
+    title = "AAA"
+    order = 30
 
     def __init__(
         self,
         model: nn.Module,
+        seed: int | None = None,
         tau: float = 6.0,
         kappa: float = 1.0,
         weight: float = 5.0,
@@ -85,9 +90,8 @@ class AAA(Defended):
         steps: int = 100,
     ) -> None:
         super().__init__(model, seed=0)
-        self.nu = 0.0
         self.tau, self.kappa, self.weight, self.lr, self.steps = tau, kappa, weight, lr, steps
         self.layers = ["logits"]
 
-    def defended_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return aaa_logits(self.base(x), self.tau, self.kappa, self.weight, self.lr, self.steps)
+    def row_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return aaa_logits(z, self.tau, self.kappa, self.weight, self.lr, self.steps)

@@ -1,40 +1,35 @@
-"""The defended-model wrapper every defense shares: own RNG, clean detach, drop-in attributes.
+"""What a defense is: the ``DEFENSES`` registry and the wrapper every defense shares.
 
 A defense never edits the user's model. It wraps it: the wrapper holds the model as ``.base`` and
 does its work only while its own ``forward`` runs, so the model called directly stays the
 undefended model, bit for bit, before, during and after protection.
+
+Each defense class declares what the rest of rfd needs to know about it, so that calibration,
+the Lightning callback, the evaluation grid and the reports ask the class instead of matching
+names: its ``title`` (the table row), whether it has a noise level ``nu`` to calibrate, whether it
+acts at named ``layers``, and whether building it needs data. It describes its work per row
+(:mod:`rfd.defenses.rows`): that one description serves both the standalone forward (noise drawn
+from the defense's own generator) and the evaluation's shared forwards (noise keyed by image and
+query). Defining a subclass with a ``name`` registers it: a new defense is one module, one
+``configs/defense/<name>.yaml`` and its tests.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from rfd.defenses.rows import RowForward
+from rfd.models import eval_mode, model_device  # noqa: F401 (re-exported for older imports)
+from rfd.rng import KeyedRNG
+
+DEFENSES: dict[str, type[Defense]] = {}
 DISTRIBUTIONS = ("gaussian", "laplace")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a stateless module)."""
-    t = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return t.device if t is not None else torch.device("cpu")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for a measurement, then every submodule's own mode back (frozen BN included)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
+_ROW_OPS = ("row_input", "row_noise", "row_logits")
 
 
 def new_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
@@ -47,24 +42,10 @@ def new_generator(device: torch.device | str, seed: int | None) -> torch.Generat
     return g
 
 
-def unit_noise(like: torch.Tensor, dist: str, generator: torch.Generator) -> torch.Tensor:
-    """Zero-mean, unit-std noise shaped like ``like``; every element (so every sample) independent.
-
-    Laplace is drawn as the difference of two Exp(1) variables (Laplace(0, 1)), divided by sqrt(2)
-    so that both distributions share the same standard deviation and ``nu`` means the same thing.
-    """
-    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-    if dist == "gaussian":
-        z = torch.randn(like.shape, generator=generator, device=like.device, dtype=dtype)
-    else:
-        e = torch.empty((2, *like.shape), device=like.device, dtype=dtype)
-        e.exponential_(generator=generator)
-        z = (e[0] - e[1]) / math.sqrt(2.0)
-    return z.to(like.dtype)
-
-
 def check_nu(value: Any, what: str = "nu") -> float:
     """A finite, non-negative noise std as a float; raise ``ValueError`` otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number, got {value!r}")
     try:
         nu = float(value)
     except (TypeError, ValueError):
@@ -80,7 +61,7 @@ def check_dist(dist: str) -> str:
     return dist
 
 
-class Defended(nn.Module):
+class Defense(nn.Module):
     """A classifier behind a defense; call it like the model it wraps.
 
     The wrapped model is registered as the submodule ``base`` so that ``.to()``, ``.eval()`` and
@@ -88,20 +69,46 @@ class Defended(nn.Module):
     Attribute reads the wrapper does not answer fall through to ``base`` (e.g. ``num_classes``),
     so the wrapper can replace the model wherever the model was used.
 
+    Class attributes a subclass declares:
+        name: the registry key (``rfd.protect(defense=name)``, ``--defense name``).
+        title: the row title in tables (the paper's: Base, Input, Feature, AAA).
+        calibrated: it has a noise std ``nu`` that ``rfd.calibrate`` tunes to a target
+            clean-accuracy drop; the constructor takes ``nu``.
+        layered: it acts at named layers; the constructor takes ``layers``.
+        order: position in ``DEFENSES`` (and so in "all" and in tables).
+
+    Row operations (override any; the defaults leave rows untouched), see
+    :mod:`rfd.defenses.rows`: ``row_input(x, rng)``, ``row_noise()``, ``row_logits(z)``.
+
     Attributes:
-        defense: the defense name (``"none"``, ``"input"``, ``"feature"``, ``"aaa"``).
         nu: the noise standard deviation (0 for deterministic defenses).
-        layers: where the defense acts (resolved module paths, ``["input"]`` or ``["logits"]``).
+        layers: where the defense acts (module paths, ``["input"]`` or ``["logits"]``).
         generator: the defense's own ``torch.Generator`` on the model's device.
         randomized: whether two identical queries can get different answers.
         base: the undefended model.
     """
 
-    defense = "none"
+    name: ClassVar[str]
+    title: ClassVar[str]
+    calibrated: ClassVar[bool] = False
+    layered: ClassVar[bool] = False
+    order: ClassVar[int] = 100
+    row_ops: ClassVar[frozenset[str]] = frozenset()
+    nu: Any = 0.0  # deterministic defenses; noise defenses override it with a checked property
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.row_ops = frozenset(
+            op for op in _ROW_OPS if getattr(cls, op) is not getattr(Defense, op)
+        )
+        if "name" in cls.__dict__:
+            if cls.name in DEFENSES and DEFENSES[cls.name] is not cls:
+                raise ValueError(f"defense name {cls.name!r} registered twice")
+            DEFENSES[cls.name] = cls
 
     def __init__(self, model: nn.Module, seed: int | None = None) -> None:
         super().__init__()
-        if isinstance(model, Defended) and model.removed:
+        if isinstance(model, Defense) and model.removed:
             raise ValueError("cannot protect a removed defense; protect its .base instead")
         self.base = model
         self.training = model.training  # mirror the model's mode without touching its modules
@@ -110,19 +117,78 @@ class Defended(nn.Module):
         self.layers: list[str] = []
         self.removed = False
 
+    # -- what the registry asks ------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        *,
+        nu: float | Sequence[float] | None = None,
+        layers: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        **options: Any,
+    ) -> Defense:
+        """Build from the settings every front end passes: ``nu`` and ``layers`` reach the
+        constructor only when the class declares them, so callers never special-case names."""
+        kwargs: dict[str, Any] = dict(options)
+        if cls.calibrated:
+            kwargs["nu"] = 0.0 if nu is None else nu
+        if cls.layered and layers is not None:
+            kwargs["layers"] = layers
+        return cls(model, seed=seed, **kwargs)
+
+    @classmethod
+    def needs_data(cls, layers: Any = None, options: dict[str, Any] | None = None) -> bool:
+        """Whether building it with these settings needs clean data (e.g. to measure a scale)."""
+        return False
+
+    @classmethod
+    def nu_guess(cls, model: nn.Module, layers: list[str], batches: list, options: dict) -> float:
+        """A first noise std for calibration, in this defense's units."""
+        return 0.05
+
     @property
     def randomized(self) -> bool:
         return False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def noise_key(self) -> int:
+        """The base key of this defense's keyed noise: its seed, or a draw from its generator
+        when it has none (so repeated evaluations of an unseeded defense still differ)."""
+        if self.seed is not None:
+            return int(self.seed)
+        return int(
+            torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device)
+        )
+
+    # -- the defense per row -----------------------------------------------------------------
+    def row_input(self, x: Tensor, rng: KeyedRNG) -> Tensor:
+        """Transform input rows (each row's draws from ``rng``, keyed per row)."""
+        return x
+
+    def row_noise(self) -> list[Any]:
+        """Noise to add at named layers: a list of :class:`rfd.defenses.rows.NoiseSpec`."""
+        return []
+
+    def row_logits(self, z: Tensor) -> Tensor:
+        """Post-process logits rows."""
+        return z
+
+    # -- the module ------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
         if self.removed:
             raise RuntimeError(
-                f"this {self.defense!r} defense was removed; call its .base model, or protect again"
+                f"this {self.name!r} defense was removed; call its .base model, or protect again"
             )
         return self.defended_forward(x)
 
-    def defended_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x)
+    def defended_forward(self, x: Tensor) -> Tensor:
+        """Every row gets fresh noise: keys drawn from the defense's own generator."""
+        if not self.row_ops:
+            return self.base(x)
+        g = self.generator_for(x.device)
+        keys = torch.randint(-(2**62), 2**62, (x.shape[0],), generator=g, device=x.device)
+        plan = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return RowForward(self.base, [self])(x, plan, keys)
 
     def remove(self) -> nn.Module:
         """Detach the defense for good and hand back the untouched model.
@@ -133,7 +199,7 @@ class Defended(nn.Module):
         self.removed = True
         return self.base
 
-    def __enter__(self) -> Defended:
+    def __enter__(self) -> Defense:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -161,15 +227,21 @@ class Defended(nn.Module):
                 raise
             return getattr(super().__getattr__("base"), name)
 
+    @property
+    def defense(self) -> str:
+        """The registry name (kept for code that read ``.defense``)."""
+        return self.name
+
     def extra_repr(self) -> str:
-        return f"defense={self.defense!r}, nu={getattr(self, 'nu', 0.0)}, layers={self.layers}"
+        return f"defense={self.name!r}, nu={self.nu}, layers={self.layers}"
 
 
-class NoDefense(Defended):
+Defended = Defense  # the name earlier releases used
+
+
+class NoDefense(Defense):
     """The undefended model behind the same interface, as the baseline row of every table."""
 
-    defense = "none"
-
-    def __init__(self, model: nn.Module, seed: int | None = None) -> None:
-        super().__init__(model, seed)
-        self.nu = 0.0
+    name = "none"
+    title = "Base"
+    order = 0

@@ -6,6 +6,10 @@ calibration split and finds nu by bracketing then bisection. Every evaluation re
 defense's generator from the same seed (common random numbers): with Gaussian noise the draws are
 then ``nu * z`` for one fixed ``z``, so the measured drop is a deterministic, practically monotone
 function of nu and bisection is well posed despite the noise.
+
+This module is the core search for concrete layers. ``layers="auto"`` is resolved one level up,
+by the public ``rfd.calibrate`` / ``calibrate_report`` in :mod:`rfd.defenses.api`: the rule
+(:mod:`rfd.defenses.autolayer`) itself calibrates, so it imports this module, not the reverse.
 """
 
 from __future__ import annotations
@@ -22,12 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from rfd.defenses.api import protect
-from rfd.defenses.base import eval_mode, model_device
-from rfd.defenses.noise import channel_std
-from rfd.models import file_hash, model_hash, resolve_layer
+from rfd.defenses.base import DEFENSES
+from rfd.models import eval_mode, file_hash, model_device, model_hash, resolve_layer
 
-AUTO = "auto"  # layers="auto": the layer rfd.analysis.auto_layer ranks most robust
+AUTO = "auto"  # layers="auto": the layer rfd.defenses.autolayer.auto_layer ranks most robust
 
 
 @dataclass(frozen=True)
@@ -65,18 +67,30 @@ def default_cache_dir() -> Path:
     return Path(root) / "calibration"
 
 
-def calibrate(
-    model: nn.Module,
-    defense: str = "feature",
-    layers: str | Sequence[str] = "penultimate",
-    data: Iterable[Any] | None = None,
-    target_drop: float = 0.02,
-    n_passes: int = 5,
-    tol: float = 1e-3,
-    **kwargs: Any,
-) -> float:
-    """The noise std whose clean-accuracy drop is ``target_drop``; see :func:`calibrate_report`."""
-    return calibrate_report(model, defense, layers, data, target_drop, n_passes, tol, **kwargs).nu
+def read_calibration_data(
+    defense: str, data: Iterable[Any] | None, target_drop: float, n_passes: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Check the calibration arguments and read ``data`` once into ``(x, y)`` batches.
+
+    Raises:
+        ValueError: a defense with nothing to calibrate, no or empty data, or a bad target.
+    """
+    calibrated = [n for n, c in DEFENSES.items() if c.calibrated]
+    if defense not in DEFENSES:
+        raise ValueError(f"unknown defense {defense!r}; valid defenses: {', '.join(DEFENSES)}")
+    if not DEFENSES[defense].calibrated:
+        raise ValueError(
+            f"defense {defense!r} has no noise level to calibrate; calibrated defenses: "
+            f"{', '.join(calibrated)}"
+        )
+    if data is None:
+        raise ValueError("calibration needs data: a DataLoader over the calibration split")
+    if not 0 < target_drop < 1 or n_passes < 1:
+        raise ValueError(f"need 0 < target_drop < 1, n_passes >= 1; got {target_drop}, {n_passes}")
+    batches = [_xy(b) for b in data]
+    if sum(len(y) for _, y in batches) == 0:
+        raise ValueError("calibration data is empty")
+    return batches
 
 
 def calibrate_report(
@@ -95,54 +109,21 @@ def calibrate_report(
     max_evals: int = 40,
     **opts: Any,
 ) -> Calibration:
-    """Find nu (a standard deviation) whose mean clean-accuracy drop is ``target_drop``.
+    """The search behind ``rfd.calibrate`` for concrete layers; arguments as documented there.
 
-    The drop at a given nu is itself a noisy measurement: one pass over 1000 images spreads by
-    about 0.4 points at a 1% drop and 0.8 points at 4% (``drop_std`` reports it), so the found nu
-    is as precise as ``drop_std / sqrt(n_passes)``; more passes or images tighten it.
-
-    Args:
-        model: the undefended classifier; measured in eval mode, its modes restored afterwards.
-        defense: ``"feature"`` or ``"input"``.
-        layers: as in ``rfd.protect``; with several layers one common nu is calibrated.
-        data: the calibration split (never attacked images): a DataLoader yielding ``(x, y)`` or
-            ``(x, y, index)``. It is read once and held in memory, so every evaluation sees the
-            same images in the same order.
-        target_drop: wanted accuracy drop as a fraction (0.02 = 2 points).
-        n_passes: noisy passes per evaluation; the drop is their mean.
-        tol: stop when the measured drop is within ``tol`` of the target (at least half of one
-            flip, ``0.5 / (n_images * n_passes)``: the drop cannot be measured finer).
-        seed: noise seed restarted at every evaluation (common random numbers).
-        cache_dir: folder for the JSON cache (default :func:`default_cache_dir`).
-        use_cache: read and write the cache.
-        checkpoint: the model's checkpoint file; its hash keys the cache (else the weights' hash).
-        nu_start: first nu tried (default: 0.05 pixel units for input noise, a quarter of the
-            feature's spread for feature noise).
-        max_evals: give up after this many evaluations.
-        **opts: passed to ``rfd.protect`` (``dist``, ``scale``); ``scale="channel"`` measures the
-            channel spread on ``data`` itself.
-
-    Raises:
-        ValueError: bad arguments, or a defense with nothing to calibrate.
-        RuntimeError: the target drop cannot be reached.
+    ``layers="auto"`` is not accepted here: :func:`rfd.defenses.api.calibrate_report` resolves it.
     """
-    if defense not in ("feature", "input"):
-        raise ValueError(f"defense {defense!r} has no noise level to calibrate; use feature/input")
-    if data is None:
-        raise ValueError("calibration needs data: a DataLoader over the calibration split")
-    if not 0 < target_drop < 1 or n_passes < 1:
-        raise ValueError(f"need 0 < target_drop < 1, n_passes >= 1; got {target_drop}, {n_passes}")
-    device = model_device(model)
-    batches = [_xy(b) for b in data]
+    if layers == AUTO and defense in DEFENSES and DEFENSES[defense].layered:
+        raise ValueError(
+            'layers="auto" is resolved by rfd.calibrate / rfd.defenses.calibrate_report; '
+            "the core calibration needs concrete layer names"
+        )
+    batches = read_calibration_data(defense, data, target_drop, n_passes)
     n = sum(len(y) for _, y in batches)
-    if n == 0:
-        raise ValueError("calibration data is empty")
-    if defense == "feature" and layers == AUTO:
-        from rfd.analysis import auto_layer  # the rule is documented there
-
-        layers = auto_layer(model, batches, target_drop=target_drop, cache_dir=cache_dir)
+    device = model_device(model)
+    cls = DEFENSES[defense]
     names = [layers] if isinstance(layers, str) else list(layers)
-    resolved = [resolve_layer(model, s) for s in names] if defense == "feature" else ["input"]
+    resolved = [resolve_layer(model, s) for s in names] if cls.layered else [defense]
     key = {
         "model": file_hash(checkpoint) if checkpoint is not None else model_hash(model),
         "defense": defense,
@@ -163,7 +144,7 @@ def calibrate_report(
         clean = sum(_correct(model, x, y, device) for x, y in batches)
         if opts.get("scale") == "channel":
             opts.setdefault("data", batches)
-        net = protect(model, defense, layers, nu=0.0, seed=seed, **opts)
+        net = cls.build(model, nu=0.0, layers=layers, seed=seed, **opts)
         history: list[tuple[float, float, float]] = []
 
         def evaluate(nu: float) -> float:
@@ -175,7 +156,7 @@ def calibrate_report(
             history.append((nu, (clean * n_passes - sum(accs)) / (n * n_passes), std))
             return history[-1][1]
 
-        guess = nu_start or _start(model, defense, resolved, batches, opts)
+        guess = nu_start or cls.nu_guess(model, resolved, batches, opts)
         resolution = 0.5 / (n * n_passes)
         nu = _search(evaluate, guess, target_drop, max(tol, resolution), max_evals)
         net.remove()
@@ -246,20 +227,6 @@ def _search(evaluate: Any, guess: float, target: float, tol: float, max_evals: i
             hi, d_hi = mid, d
         halve = not halve and lo > 0 and math.log(hi / lo) > width / 2
     return best[1]
-
-
-def _start(
-    model: nn.Module, defense: str, layers: list[str], batches: list, opts: dict[str, Any]
-) -> float:
-    # Scale-aware first guess: input noise lives in [0,1] pixel units; feature noise in the
-    # feature's own units, which differ by orders of magnitude between layers and models.
-    if defense == "input":
-        return 0.05
-    if opts.get("scale") == "channel":
-        return 0.25
-    stds = channel_std(model, layers, batches, max_batches=1)
-    spread = float(torch.cat(stds).mean())
-    return 0.25 * spread if spread > 0 else 1.0
 
 
 def _xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

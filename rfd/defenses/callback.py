@@ -13,16 +13,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from rfd.defenses.api import protect
-from rfd.defenses.base import Defended
-from rfd.defenses.calibration import Calibration, calibrate_report
+from rfd.defenses.api import calibrate_report, protect
+from rfd.defenses.base import DEFENSES, Defense
+from rfd.defenses.calibration import Calibration
 
 
 class NoiseDefense(pl.Callback):
     """Attach ``rfd.protect(model, defense, ...)`` around ``trainer.test`` / ``trainer.predict``.
 
     Args:
-        defense: ``"feature"``, ``"input"``, ``"aaa"`` or ``"none"``.
+        defense: a name in ``rfd.defenses.DEFENSES``.
         layers: layer name(s), as in ``rfd.protect``.
         nu: noise standard deviation; ``None`` with ``target_drop`` calibrates it first.
         target_drop: clean-accuracy drop to calibrate nu for (fraction, 0.02 = 2 points).
@@ -51,15 +51,17 @@ class NoiseDefense(pl.Callback):
         options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        needs_nu = defense in ("feature", "input")
-        if needs_nu and nu is None and target_drop is None:
+        if defense not in DEFENSES:
+            raise ValueError(f"unknown defense {defense!r}; valid defenses: {', '.join(DEFENSES)}")
+        self.cls = DEFENSES[defense]
+        if self.cls.calibrated and nu is None and target_drop is None:
             raise ValueError(f"defense {defense!r} needs nu or target_drop")
         self.defense, self.layers, self.nu, self.target_drop = defense, layers, nu, target_drop
         self.seed, self.n_calibration, self.calibration_seed = seed, n_calibration, calibration_seed
         self.n_passes, self.cache_dir, self.attr = n_passes, cache_dir, attr
         self.options = dict(options or {})
         self.calibration: Calibration | None = None
-        self.defended: Defended | None = None
+        self.defended: Defense | None = None
         self._original: Any = None
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -79,13 +81,13 @@ class NoiseDefense(pl.Callback):
     ) -> None:
         self.detach(pl_module)
 
-    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Defended:
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Defense:
         """Calibrate if asked, then put the defended wrapper in place of ``pl_module.<attr>``."""
         if self.defended is not None:
             self.detach(pl_module)
         model = getattr(pl_module, self.attr)
         nu: float | Sequence[float] | None = self.nu
-        if nu is None and self.target_drop is not None and self.defense in ("feature", "input"):
+        if nu is None and self.target_drop is not None and self.cls.calibrated:
             self.calibration = calibrate_report(
                 model,
                 self.defense,
@@ -99,7 +101,7 @@ class NoiseDefense(pl.Callback):
             )
             nu = self.calibration.nu
         opts = dict(self.options)
-        if opts.get("scale") == "channel" and "data" not in opts:
+        if self.cls.needs_data(self.layers, opts) and "data" not in opts:
             opts["data"] = self._calibration_data(trainer)
         self.defended = protect(
             model, self.defense, self.layers, nu=0.0 if nu is None else nu, seed=self.seed, **opts

@@ -14,20 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from rfd.defenses.base import (
-    Defended,
-    check_dist,
-    check_nu,
-    eval_mode,
-    model_device,
-    unit_noise,
-)
-from rfd.models import resolve_layer
+from rfd.defenses.base import Defense, check_dist, check_nu
+from rfd.defenses.rows import NoiseSpec, unit_noise
+from rfd.models import eval_mode, model_device, resolve_layer
+from rfd.rng import KeyedRNG
 
 SCALES = (None, "none", "channel")
 
 
-class InputNoise(Defended):
+class InputNoise(Defense):
     """Random Noise Defense (Qin et al., NeurIPS 2021): query ``model(x + nu * z)``.
 
     Noise is added to [0, 1] pixels before the model's own normalization and is not clipped, as in
@@ -40,7 +35,10 @@ class InputNoise(Defended):
         dist: ``"gaussian"`` or ``"laplace"`` (same standard deviation).
     """
 
-    defense = "input"
+    name = "input"
+    title = "Input"
+    calibrated = True
+    order = 10
 
     def __init__(
         self, model: nn.Module, nu: float = 0.05, seed: int | None = None, dist: str = "gaussian"
@@ -56,26 +54,27 @@ class InputNoise(Defended):
 
     @nu.setter
     def nu(self, value: float) -> None:
+        if isinstance(value, (list, tuple)):
+            raise ValueError(f"defense 'input' takes one nu, got a list {list(value)}")
         self._nu = check_nu(value)
 
     @property
     def randomized(self) -> bool:
         return self._nu > 0
 
-    def defended_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def row_input(self, x: torch.Tensor, rng: KeyedRNG) -> torch.Tensor:
         if self._nu == 0:
-            return self.base(x)
-        z = unit_noise(x, self.dist, self.generator_for(x.device))
-        return self.base(x + self._nu * z)
+            return x
+        return x + self._nu * unit_noise(rng, x.shape[1:], self.dist, x.dtype)
 
 
-class FeatureNoise(Defended):
-    """Randomized feature defense (Nguyen et al., ICLR): ``g(h(x) + delta)`` at named layers.
+class FeatureNoise(Defense):
+    """Randomized feature defense (Nguyen et al., ICLR 2024): ``g(h(x) + delta)`` at named layers.
 
     A forward hook on each chosen module adds fresh noise to its output on every call, for every
     sample, so a batch holding one image R times gets R independent draws (majority-vote checks
-    and EOT rely on this). Hooks are registered when this wrapper's forward starts and removed
-    when it ends; the model itself therefore never carries a hook between calls, and calling it
+    and EOT rely on this). Hooks are registered when a defended forward starts and removed when
+    it ends; the model itself therefore never carries a hook between calls, and calling it
     directly, even while protected, gives the undefended answer. The hooks are put first in the
     module's hook order, so any other hook on the same module (feature extraction, analysis)
     sees the noisy feature the rest of the network sees.
@@ -95,7 +94,11 @@ class FeatureNoise(Defended):
         max_batches: stop measuring the channel spread after this many batches.
     """
 
-    defense = "feature"
+    name = "feature"
+    title = "Feature"
+    calibrated = True
+    layered = True
+    order = 20
 
     def __init__(
         self,
@@ -127,6 +130,19 @@ class FeatureNoise(Defended):
                 raise ValueError("scale='channel' measures each channel's std: pass data=loader")
             self.channel_std = list(channel_std(model, self.layers, data, max_batches))
 
+    @classmethod
+    def needs_data(cls, layers: Any = None, options: dict[str, Any] | None = None) -> bool:
+        return layers == "auto" or (options or {}).get("scale") == "channel"
+
+    @classmethod
+    def nu_guess(cls, model: nn.Module, layers: list[str], batches: list, options: dict) -> float:
+        # Feature units differ by orders of magnitude between layers and models: start at a
+        # quarter of the feature's own spread (or of 1 when nu is relative to it already).
+        if options.get("scale") == "channel":
+            return 0.25
+        spread = float(torch.cat(channel_std(model, layers, batches, max_batches=1)).mean())
+        return 0.25 * spread if spread > 0 else 1.0
+
     @property
     def nu(self) -> float | list[float]:
         return self._nus[0] if self._single else list(self._nus)
@@ -145,38 +161,15 @@ class FeatureNoise(Defended):
     def randomized(self) -> bool:
         return any(v > 0 for v in self._nus)
 
-    def defended_forward(self, x: torch.Tensor) -> torch.Tensor:
-        handles = [
-            self.base.get_submodule(path).register_forward_hook(partial(self._add, i), prepend=True)
-            for i, path in enumerate(self.layers)
+    def row_noise(self) -> list[NoiseSpec]:
+        return [
+            NoiseSpec(path, nu, self.dist, std)
+            for path, nu, std in zip(self.layers, self._nus, self.channel_std, strict=True)
         ]
-        try:
-            return self.base(x)
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _add(self, i: int, module: nn.Module, args: Any, out: Any) -> torch.Tensor | None:
-        nu = self._nus[i]
-        if nu == 0:
-            return None
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"layer {self.layers[i]!r} returns {type(out).__name__}, not a tensor")
-        z = unit_noise(out, self.dist, self.generator_for(out.device))
-        std = self.channel_std[i]
-        if std is not None:
-            return out + nu * _channel_view(std.to(out.device, out.dtype), out) * z
-        return out + nu * z
 
 
 def _channel_dim(t: torch.Tensor) -> int:
     return -1 if t.ndim == 3 else 1
-
-
-def _channel_view(std: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    shape = [1] * like.ndim
-    shape[_channel_dim(like)] = -1
-    return std.view(shape)
 
 
 @torch.no_grad()

@@ -1,0 +1,747 @@
+"""The attack engine: one loop for every attack, with exact accounting and full forward batches.
+
+A *job* is one image under one *cell* (an attack against a defended model). The engine owns what
+published attack code gets wrong in a hundred different ways: the charged-query budget, clipping
+to [0, 1] and projection onto the eps-ball, EOT averaging (M forwards charged as M queries), the
+9-query majority vote (uncharged), which answers an attack may read (scores or labels only), and
+the per-image record (``fooled_at``: the exact charged count at the first verified fooling query).
+
+It also owns the forwards. Every tick it fills one forward of exactly ``batch_size`` rows from
+the queries of many jobs, across all cells that share a base model: an image under feature noise
+and an image under input noise ride in the same batch, each row with its own defense plan and
+noise key (:mod:`rfd.defenses.rows`). When a job ends (fooled, budget spent, or misclassified at
+the start) the next one takes its place. Verification votes and EOT samples are rows like any
+other. Jobs are oversubscribed (more live than one batch holds) and served least-spent first, so
+that near the end the survivors finish together instead of trickling through half-empty batches.
+
+Randomness never depends on this packing: the attacker's draws are keyed by (attack seed, image,
+step) and the defense's by (defense seed, image, query, sample) (:mod:`rfd.rng`), so an image's
+result is the same whatever batch size, job order or number of devices is used.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rfd.attacks.base import (
+    CRITERIA,
+    MAJORITY,
+    VOTES,
+    Attack,
+    BudgetError,
+    Reply,
+    State,
+    View,
+)
+from rfd.defenses.base import Defense
+from rfd.defenses.rows import RowForward
+from rfd.rng import KeyedRNG, derive, derive_rows
+
+_VOTE_SUB, _PROBE_SUB = 1000, 2000  # noise-key sub-indices of vote and probe rows
+CLEAN, RUN, VOTE = 0, 1, 2
+
+
+@dataclass
+class Cell:
+    """One (defended model, attack) pair: the unit results are reported for.
+
+    Attributes:
+        model: the defended model. An ``rfd`` defense (``rfd.protect``) shares forwards with every
+            other cell over the same base model and gets keyed noise; any other module is queried
+            as it is (its own randomness, its own forwards).
+        attack: the attack (cells may share one attack object: their jobs then share state
+            batches).
+        eps, max_queries, criterion, eot: the threat model and the rules (see ``rfd.attack``).
+        seed: the attacker's seed.
+        name: a label for progress and reports.
+    """
+
+    model: nn.Module
+    attack: Attack
+    eps: float
+    max_queries: int
+    criterion: str = "vote"
+    eot: int = 1
+    seed: int = 0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {self.criterion!r}; valid: {', '.join(CRITERIA)}")
+        if self.eot < 1 or self.max_queries < self.eot:
+            raise ValueError(
+                f"need eot >= 1 and max_queries >= eot, got {self.eot}, {self.max_queries}"
+            )
+
+
+@dataclass
+class CellStats:
+    """How one cell used the forwards (see :mod:`rfd.metrics` for the names)."""
+
+    forwards: int = 0
+    fill_sum: float = 0.0
+    rows: int = 0
+    seconds: float = 0.0
+    randomized: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "forwards": self.forwards,
+            "fill_sum": self.fill_sum,
+            "rows": self.rows,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class Progress:
+    """What a progress bar shows after each forward."""
+
+    jobs_done: int
+    jobs_total: int
+    forwards: int
+    rows: int
+    charged: int
+    seconds: float
+    fill: float  # mean rows used ÷ batch size so far
+
+
+class _Lane:
+    """Live jobs sharing one attack configuration: their states are batched in slots."""
+
+    def __init__(self, attack: Attack, eps: float, budget: int, eot: int, criterion: str) -> None:
+        self.attack, self.eps, self.budget, self.eot, self.criterion = (
+            attack, eps, budget, eot, criterion,
+        )  # fmt: skip
+        self.kind = attack.kind
+        self.state: State = {}
+        self.cap = 0
+        self.free: list[int] = []
+        self.reserve = attack.steps_hint() * eot
+
+    def alloc(self, new: State, n: int, device: torch.device) -> Tensor:
+        """Slots for ``n`` new jobs, their state written in."""
+        while len(self.free) < n:
+            grow = max(self.cap, n - len(self.free), 16)
+            for k, v in new.items():
+                pad = torch.zeros((grow, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                self.state[k] = torch.cat([self.state[k], pad]) if k in self.state else pad
+            self.free.extend(range(self.cap, self.cap + grow))
+            self.cap += grow
+        slots = torch.tensor(self.free[:n], dtype=torch.long, device=device)
+        del self.free[:n]
+        self.write(slots, new)
+        return slots
+
+    def read(self, slots: Tensor) -> State:
+        return {k: v[slots] for k, v in self.state.items()}
+
+    def write(self, slots: Tensor, new: State) -> None:
+        """Store the keys ``init`` created; other keys are a step's scratch and are dropped."""
+        for k, t in self.state.items():
+            if k in new:
+                t[slots] = new[k]
+
+    def release(self, slots: Tensor) -> None:
+        self.free.extend(slots.tolist())
+
+
+class _Executor:
+    """One base model with the defense plans of its cells (or one opaque model)."""
+
+    def __init__(self, fwd: RowForward, opaque: bool) -> None:
+        self.fwd, self.opaque = fwd, opaque
+        self.queue: deque[_Chunk] = deque()
+
+    def queued_rows(self) -> int:
+        return sum(c.rows - c.sent for c in self.queue)
+
+
+@dataclass
+class _Chunk:
+    """Rows of one lane's jobs waiting for (or being given) a forward."""
+
+    kind: str  # "clean", "step", "vote-clean", "vote-step"
+    lane: _Lane
+    jobs: Tensor  # global job ids (A,)
+    x: Tensor  # (rows, C, H, W)
+    plan: Tensor  # (rows,)
+    keys: Tensor  # (rows,)
+    cell: Tensor  # (rows,) cell of each row (statistics)
+    extra: dict[str, Any] = field(default_factory=dict)
+    sent: int = 0
+    out: Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+
+def _rows(state: State, idx: Tensor) -> State:
+    return {k: t[idx] for k, t in state.items()}
+
+
+class Engine:
+    """Runs jobs of many cells to completion through shared, full forward batches.
+
+    Args:
+        batch_size: rows per forward (queries, EOT samples and votes alike).
+        oversubscribe: live jobs are admitted until their step rows reach this many batches; more
+            keeps batches full when few images survive long, at the price of memory for states.
+        precision, channels_last, compile: forward settings (see :class:`RowForward`).
+        progress: called after every forward with a :class:`Progress`.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        oversubscribe: float = 4.0,
+        precision: str = "32",
+        channels_last: bool = False,
+        compile: bool = False,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not oversubscribe >= 1:
+            raise ValueError(f"oversubscribe must be >= 1, got {oversubscribe!r}")
+        self.batch_size, self.oversubscribe = batch_size, oversubscribe
+        self.precision, self.channels_last, self.compile = precision, channels_last, compile
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------ setup
+    def run(
+        self,
+        cells: Sequence[Cell],
+        images: Tensor,
+        labels: Tensor,
+        ids: Tensor | None = None,
+        jobs: Tensor | None = None,
+        on_done: Callable[[EngineRun, Tensor], None] | None = None,
+        keep_adv: bool = False,
+    ) -> EngineRun:
+        """Attack ``jobs`` ((J, 2) rows of [cell, image], default every image under every cell,
+        image-major) and return their outcomes. ``ids`` are the images' dataset indices: they
+        key all randomness (default: positions). ``on_done(run, job_ids)`` is called after each
+        forward with the jobs that finished in it."""
+        run = EngineRun(self, list(cells), images, labels, ids, jobs, keep_adv)
+        with torch.no_grad(), run.executors_entered():
+            run.loop(on_done)
+        return run
+
+
+class EngineRun:
+    """The state of one :meth:`Engine.run`; its public tensors are the per-job results.
+
+    Attributes (per job, (J,)): ``cell``, ``image``, ``used`` (charged queries), ``verify``
+    (uncharged vote rows), ``probe`` (uncharged randomness-probe rows), ``fooled_at``,
+    ``success``, ``clean_correct``; ``adv`` (J, C, H, W) when ``keep_adv``; ``stats`` per cell.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        cells: list[Cell],
+        images: Tensor,
+        labels: Tensor,
+        ids: Tensor | None,
+        jobs: Tensor | None,
+        keep_adv: bool,
+    ) -> None:
+        self.engine, self.cells = engine, cells
+        dev = self.device = images.device
+        self.images = images
+        self.labels = labels.to(dev, torch.long)
+        n = images.shape[0]
+        self.ids = (torch.arange(n, device=dev) if ids is None else ids.to(dev)).long()
+        if jobs is None:  # image-major: every cell of image 0, then of image 1, ...
+            ci = torch.arange(len(cells), device=dev).repeat(n)
+            jobs = torch.stack([ci, torch.arange(n, device=dev).repeat_interleave(len(cells))], 1)
+        jobs = jobs.to(dev).long().view(-1, 2)
+        self.cell, self.image = jobs[:, 0].contiguous(), jobs[:, 1].contiguous()
+        j = self.cell.shape[0]
+        z = torch.zeros(j, dtype=torch.long, device=dev)
+        self.used, self.verify, self.probe, self.steps = z.clone(), z.clone(), z.clone(), z.clone()
+        self.fooled_at = torch.full_like(z, -1)
+        self.success = torch.zeros(j, dtype=torch.bool, device=dev)
+        self.clean_correct = torch.ones_like(self.success)
+        self.done = torch.zeros_like(self.success)
+        self.live = torch.zeros_like(self.success)
+        self.busy = torch.zeros_like(self.success)
+        self.phase = torch.zeros_like(z)
+        self.slot = torch.full_like(z, -1)
+        self.adv = images[self.image].clone() if keep_adv else None
+        self.stats = [CellStats() for _ in cells]
+        self._setup_cells()
+        self.job_lane = self._cell_lane[self.cell]
+        self.job_eot = self._cell_eot[self.cell]
+        self.job_inv_budget = 1.0 / self._cell_budget[self.cell].double()
+        self.akey = derive_rows(self._cell_akey[self.cell], self.ids[self.image])
+        self.dkey = derive_rows(self._cell_dkey[self.cell], self.ids[self.image])
+        self.next_job = 0
+        self.live_reserve = 0
+        self.t_start = time.perf_counter()
+        self.forwards = self.rows_total = 0
+        self.fill_total = self.forward_seconds = 0.0
+        self.padded = 0  # rows forwarded only to keep one-row forwards on batch kernels
+        self.n_done = 0
+        self._done_batch: list[Tensor] = []
+
+    def _setup_cells(self) -> None:
+        def pluggable(m: nn.Module) -> bool:
+            return isinstance(m, Defense) and not isinstance(m.base, Defense)
+
+        lanes: dict[tuple, int] = {}
+        self.lanes: list[_Lane] = []
+        groups: dict[int, list[int]] = {}
+        cell_lane, akeys, dkeys = [], [], []
+        for ci, c in enumerate(self.cells):
+            key = (id(c.attack), c.eps, c.max_queries, c.eot, c.criterion)
+            if key not in lanes:
+                lanes[key] = len(self.lanes)
+                self.lanes.append(_Lane(c.attack, c.eps, c.max_queries, c.eot, c.criterion))
+            cell_lane.append(lanes[key])
+            base = c.model.base if pluggable(c.model) else c.model
+            groups.setdefault(id(base), []).append(ci)
+            akeys.append(derive(c.seed, "attack"))
+            dkeys.append(derive(c.model.noise_key(), "defense") if pluggable(c.model) else 0)
+        self.executors: list[_Executor] = []
+        cell_exec, plan = [0] * len(self.cells), [0] * len(self.cells)
+        e = self.engine
+        for members in groups.values():
+            first = self.cells[members[0]].model
+            plans: list[Any] = []
+            for ci in members:
+                d = self.cells[ci].model
+                if pluggable(d):
+                    if all(d is not u for u in plans):
+                        plans.append(d)
+                    plan[ci] = next(i for i, u in enumerate(plans) if u is d)
+                    self.stats[ci].randomized = bool(d.randomized)
+                cell_exec[ci] = len(self.executors)
+            if not pluggable(first):
+                plans = [None]
+            base = first.base if pluggable(first) else first
+            fwd = RowForward(base, plans, e.precision, e.channels_last, e.compile)
+            self.executors.append(_Executor(fwd, opaque=not pluggable(first)))
+        dev = self.device
+        t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
+        self._cell_lane, self._cell_exec, self._cell_plan = t(cell_lane), t(cell_exec), t(plan)
+        self._cell_akey, self._cell_dkey = t(akeys), t(dkeys)
+        self._cell_budget = t([c.max_queries for c in self.cells])
+        self._cell_eot = t([c.eot for c in self.cells])
+        self._cell_reserve = [self.lanes[li].reserve for li in cell_lane]
+
+    def executors_entered(self) -> Any:
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        for ex in self.executors:
+            stack.enter_context(ex.fwd)
+        return stack
+
+    # ------------------------------------------------------------------------------ helpers
+    def _view(self, lane: _Lane, g: Tensor, init: bool = False) -> View:
+        rem = (lane.budget - self.used[g]) // lane.eot
+        step = self.steps[g]
+
+        def rng() -> KeyedRNG:  # keyed by (attack seed, image, the image's own step)
+            return KeyedRNG(derive_rows(self.akey[g], "init" if init else step))
+
+        def x0() -> Tensor:
+            return self.images[self.image[g]]
+
+        return View(x0, lane.eps, lane.attack.norm, lane.budget, rem, step, rng, lane.eot)
+
+    def _noise_keys(self, gi: Tensor, query: Tensor | int, sub: Tensor | int) -> Tensor:
+        """The defense-noise key of each row: (job's key, query number, EOT/vote/probe sample).
+        Query 0 is the clean query; a query's number is fixed by the job's own history."""
+        return derive_rows(self.dkey[gi], query, sub)
+
+    def _by_lane(self, g: Tensor) -> list[tuple[_Lane, Tensor]]:
+        """Split jobs ``g`` by lane, keeping their order within each lane."""
+        if len(self.lanes) == 1:
+            return [(self.lanes[0], g)]
+        li = self.job_lane[g]
+        out = []
+        for k, lane in enumerate(self.lanes):
+            sub = g[li == k]
+            if sub.numel():
+                out.append((lane, sub))
+        return out
+
+    def _reduce(self, lane: _Lane, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """(Q, M, K) logits -> (EOT-mean logits, label): mean for scores, majority for labels."""
+        if raw.shape[1] == 1:
+            z = raw[:, 0]
+            return z, z.argmax(1)
+        if lane.kind == "score":
+            z = raw.mean(1)
+            return z, z.argmax(1)
+        counts = F.one_hot(raw.argmax(2), raw.shape[2]).sum(1)
+        return raw.mean(1), counts.argmax(1)  # ties go to the lowest class index
+
+    def _chunk(self, kind: str, lane: _Lane, g: Tensor, x: Tensor, gi: Tensor, keys: Tensor,
+               extra: dict[str, Any]) -> _Chunk:  # fmt: skip
+        cell = self.cell[gi]
+        return _Chunk(kind, lane, g, x, self._cell_plan[cell], keys, cell, extra)
+
+    # ------------------------------------------------------------------------------ jobs
+    def _admit(self) -> None:
+        e = self.engine
+        limit = e.oversubscribe * e.batch_size
+        total = self.cell.shape[0]
+        start = self.next_job
+        idle = self.next_job < total and not bool(self.live.any())  # admit one even if too big
+        while self.next_job < total and (
+            self.live_reserve < limit or (idle and self.next_job == start)
+        ):
+            self.live_reserve += self._cell_reserve[int(self.cell[self.next_job])]
+            self.next_job += 1
+        if self.next_job == start:
+            return
+        new = torch.arange(start, self.next_job, device=self.device)
+        self.live[new] = True
+        for lane, sub in self._by_lane(new):
+            state = lane.attack.init(self._view(lane, sub, init=True))
+            self.slot[sub] = lane.alloc(state, sub.shape[0], self.device)
+
+    def _finish(self, g: Tensor) -> None:
+        if g.numel() == 0:
+            return
+        self.done[g] = True
+        self.busy[g] = False
+        self.live[g] = False
+        for lane, sub in self._by_lane(g):
+            lane.release(self.slot[sub])
+        self.slot[g] = -1
+        self.live_reserve -= sum(self._cell_reserve[c] for c in self.cell[g].tolist())
+        self.n_done += g.shape[0]
+        self._done_batch.append(g)
+
+    def _end_or_continue(
+        self, lane: _Lane, g: Tensor, view: View | None, state: State | None
+    ) -> None:
+        """After a step: finish the jobs that cannot pay another step or say they are done."""
+        if g.numel() == 0:
+            return
+        self.busy[g] = False
+        rem = (lane.budget - self.used[g]) // lane.eot
+        end = rem < lane.attack.min_queries
+        if state is not None and "done" in state:
+            end |= state["done"].bool()
+        if bool(end.any()):
+            idx = end.nonzero()[:, 0]
+            if self.adv is not None and state is not None:
+                v = view.subset(idx) if view is not None else self._view(lane, g[idx])
+                sub = {k: t[idx] for k, t in state.items()}
+                self.adv[g[idx]] = v.project(lane.attack.best(v, sub))
+            self._finish(g[idx])
+
+    def _succeed(self, g: Tensor, points: Tensor, fooled_at: Tensor) -> None:
+        self.success[g] = True
+        self.fooled_at[g] = fooled_at
+        if self.adv is not None:
+            self.adv[g] = points
+        self._finish(g)
+
+    def _enqueue(self, ch: _Chunk) -> None:
+        self.busy[ch.jobs] = True
+        self.executors[int(self._cell_exec[self.cell[ch.jobs[0]]])].queue.append(ch)
+
+    # ------------------------------------------------------------------------------ chunks
+    def _clean_chunk(self, lane: _Lane, g: Tensor) -> _Chunk:
+        ex = self.executors[int(self._cell_exec[self.cell[g[0]]])]
+        probe = 1 if (ex.opaque and lane.eot == 1) else 0
+        per = lane.eot + probe
+        x = self.images[self.image[g]].repeat_interleave(per, 0)
+        subs = torch.arange(per, device=self.device)
+        if probe:
+            subs[-1] = _PROBE_SUB
+        gi = g.repeat_interleave(per)
+        keys = self._noise_keys(gi, 0, subs.repeat(g.shape[0]))
+        return self._chunk("clean", lane, g, x, gi, keys, {"per": per, "probe": probe})
+
+    def _vote_chunk(self, kind: str, lane: _Lane, g: Tensor, pts: Tensor, query: Tensor,
+                    extra: dict[str, Any]) -> _Chunk:  # fmt: skip
+        x = pts.repeat_interleave(VOTES, 0)
+        subs = (torch.arange(VOTES, device=self.device) + _VOTE_SUB).repeat(g.shape[0])
+        gi = g.repeat_interleave(VOTES)
+        keys = self._noise_keys(gi, query.repeat_interleave(VOTES), subs)
+        return self._chunk(kind, lane, g, x, gi, keys, {**extra, "points": pts})
+
+    def _step_chunk(self, lane: _Lane, g: Tensor) -> _Chunk:
+        view = self._view(lane, g)
+        n = lane.attack.queries(view.remaining)
+        if bool((n < 1).any()) or bool((n > view.remaining).any()):
+            raise BudgetError(
+                f"attack {lane.attack.name!r} planned {n.tolist()} queries with "
+                f"{view.remaining.tolist()} left"
+            )
+        state = lane.read(self.slot[g])  # observe gets this very dict, with propose's scratch
+        q = lane.attack.propose(view, state)
+        if q.dim() == view.x0.dim():
+            q = q.unsqueeze(1)
+        r, m = q.shape[1], lane.eot
+        if int(n.max()) > r:
+            raise BudgetError(
+                f"attack {lane.attack.name!r} proposed {r} queries, planned {n.max()}"
+            )
+        if lane.kind == "score":
+            q, inside = view.project(q), None
+        else:  # decision attacks walk in from outside the ball: only a point inside can succeed
+            q = q.clamp(0.0, 1.0)
+            inside = view.inside(q)
+        # each query's number (the image's queries so far) and EOT sample key its noise, so a
+        # query gets the same noise whatever it is packed with
+        qnum = (self.used[g] // m).unsqueeze(1) + torch.arange(1, r + 1, device=self.device)
+        if r == 1:
+            valid, flat, gi, qnum = None, q[:, 0], g, qnum[:, 0]
+        else:
+            valid = torch.arange(r, device=self.device).unsqueeze(0) < n.unsqueeze(1)
+            flat, gi, qnum = q[valid], g.unsqueeze(1).expand(-1, r)[valid], qnum[valid]
+        if m > 1:
+            flat, gi, qnum = (
+                flat.repeat_interleave(m, 0),
+                gi.repeat_interleave(m),
+                qnum.repeat_interleave(m),
+            )
+        sub = torch.arange(m, device=self.device).repeat(gi.shape[0] // m) if m > 1 else 0
+        keys = self._noise_keys(gi, qnum, sub)
+        extra = {"view": view, "q": q, "n": n, "valid": valid, "inside": inside, "state": state}
+        return self._chunk("step", lane, g, flat, gi, keys, extra)
+
+    # ------------------------------------------------------------------------------ processing
+    def _process(self, ch: _Chunk) -> None:
+        lane, g, out = ch.lane, ch.jobs, ch.out
+        assert out is not None
+        y = self.labels[self.image[g]]
+        if ch.kind == "step":
+            self._process_step(ch, y)
+        elif ch.kind == "clean":
+            self._process_clean(ch, y)
+        else:  # a vote: 9 uncharged re-queries of one point per job
+            lab = out.argmax(1).view(g.shape[0], VOTES)
+            ok = (lab != y.unsqueeze(1)).sum(1) >= MAJORITY
+            self.verify[g] += VOTES
+            back = (~ok).nonzero()[:, 0]
+            self.phase[g[back]] = RUN
+            if ch.kind == "vote-clean":
+                self.clean_correct[g[ok]] = False
+                self._finish(g[ok])
+                self._end_or_continue(lane, g[back], None, None)
+            else:
+                self._succeed(g[ok], ch.extra["points"][ok], ch.extra["fooled_at"][ok])
+                if back.numel():
+                    view, reply = ch.extra["view"].subset(back), ch.extra["reply"].rows(back)
+                    self._observe(lane, g[back], view, reply, _rows(ch.extra["state"], back))
+
+    def _process_clean(self, ch: _Chunk, y: Tensor) -> None:
+        lane, g = ch.lane, ch.jobs
+        per, probe, m = ch.extra["per"], ch.extra["probe"], lane.eot
+        raw = ch.out.view(g.shape[0], per, -1)
+        self.used[g] += m
+        self.probe[g] += probe
+        if probe or (m > 1 and self.executors[int(self._cell_exec[self.cell[g[0]]])].opaque):
+            a, b = raw[:, 0], raw[:, 1]  # two forwards of the same image: do they differ?
+            if bool((a - b).abs().amax() > 1e-5 * (1.0 + float(a.abs().amax()))):
+                for ci in set(self.cell[g].tolist()):
+                    self._mark_randomized(ci)
+        _, lab = self._reduce(lane, raw[:, :m])
+        wrong = lab != y
+        self.phase[g] = RUN
+        w, ok = wrong.nonzero()[:, 0], (~wrong).nonzero()[:, 0]
+        if w.numel():
+            if lane.criterion == "vote":  # one unlucky noisy forward does not make it wrong
+                self.phase[g[w]] = VOTE
+                pts = self.images[self.image[g[w]]]
+                self._enqueue(
+                    self._vote_chunk("vote-clean", lane, g[w], pts, torch.zeros_like(w), {})
+                )
+            else:
+                self.clean_correct[g[w]] = False
+                self._finish(g[w])
+        self._end_or_continue(lane, g[ok], None, None)
+
+    def _process_step(self, ch: _Chunk, y: Tensor) -> None:
+        lane, g, out = ch.lane, ch.jobs, ch.out
+        view, q, n, valid, inside = (ch.extra[k] for k in ("view", "q", "n", "valid", "inside"))
+        a, r, m = g.shape[0], q.shape[1], lane.eot
+        z, lab = self._reduce(lane, out.view(-1, m, out.shape[-1]))
+        k = z.shape[-1]
+        if valid is None:
+            zf, labf = z.view(a, 1, k), lab.view(a, 1)
+        else:
+            zf = torch.zeros((a, r, k), dtype=z.dtype, device=z.device)
+            zf[valid] = z
+            labf = y.unsqueeze(1).expand(a, r).clone()
+            labf[valid] = lab
+        adversarial = labf != y.unsqueeze(1)
+        fooled = adversarial if inside is None else adversarial & inside
+        used_before = self.used[g].clone()
+        self.used[g] += n * m
+        self.steps[g] += 1
+        if lane.kind == "score":
+            yy = y.view(a, 1, 1).expand(a, r, 1)
+            zy = zf.gather(-1, yy).squeeze(-1)
+            reply = Reply(adversarial, q, zy - zf.scatter(-1, yy, float("-inf")).amax(-1), zf)
+        else:
+            reply = Reply(adversarial, q)
+        hit = fooled.any(1)
+        if not bool(hit.any()):
+            self._observe(lane, g, view, reply, ch.extra["state"])
+            return
+        h, miss = hit.nonzero()[:, 0], (~hit).nonzero()[:, 0]
+        first = fooled[h].int().argmax(1)  # argmax returns the first fooling query of the step
+        pts = q[h, first]
+        fooled_at = used_before[h] + (first + 1) * m
+        if lane.criterion == "vote":
+            self.phase[g[h]] = VOTE
+            qnum = used_before[h] // m + first + 1
+            extra = {"fooled_at": fooled_at, "view": view.subset(h), "reply": reply.rows(h),
+                     "state": _rows(ch.extra["state"], h)}  # fmt: skip
+            self._enqueue(self._vote_chunk("vote-step", lane, g[h], pts, qnum, extra))
+        else:
+            self._succeed(g[h], pts, fooled_at)
+        if miss.numel():
+            self._observe(
+                lane, g[miss], view.subset(miss), reply.rows(miss), _rows(ch.extra["state"], miss)
+            )
+
+    def _observe(self, lane: _Lane, g: Tensor, view: View, reply: Reply, state: State) -> None:
+        state = lane.attack.observe(view, state, reply)
+        lane.write(self.slot[g], state)
+        self._end_or_continue(lane, g, view, state)
+
+    def _mark_randomized(self, ci: int) -> None:
+        st = self.stats[ci]
+        if not st.randomized:
+            st.randomized = True
+            if self.cells[ci].criterion == "none":
+                warnings.warn(
+                    "criterion='none' assumes a deterministic model, but this one answers "
+                    "identical queries differently; one misclassified query will count as success",
+                    stacklevel=5,
+                )
+
+    # ------------------------------------------------------------------------------ the loop
+    def _select(self, xi: int, need: int) -> None:
+        """Give the least-spent idle jobs of executor ``xi`` their next rows (about ``need``)."""
+        idle = self.live & ~self.busy
+        if len(self.executors) > 1:
+            idle &= self._cell_exec[self.cell] == xi
+        g = idle.nonzero()[:, 0]
+        if g.numel() == 0:
+            return
+        eot = self.job_eot[g]
+        clean = self.phase[g] == CLEAN
+        prio = torch.where(clean, -1.0, self.used[g] * self.job_inv_budget[g])
+        order = torch.argsort(prio, stable=True)
+        g, clean, eot = g[order], clean[order], eot[order]
+        rows = eot.clone()
+        if self.executors[xi].opaque:
+            rows += clean & (eot == 1)  # the randomness probe
+        run = (~clean).nonzero()[:, 0]
+        for lane, sub in self._by_lane(run):  # steps: the attack says how many queries
+            rem = (lane.budget - self.used[g[sub]]) // lane.eot
+            rows[sub] = lane.attack.queries(rem) * lane.eot
+        take = int(torch.searchsorted(torch.cumsum(rows, 0), need)) + 1
+        g, clean = g[:take], clean[:take]
+        for phase_mask, make in ((clean, self._clean_chunk), (~clean, self._step_chunk)):
+            sel = g[phase_mask]
+            if sel.numel():
+                for lane, sub in self._by_lane(sel):
+                    self._enqueue(make(lane, sub))
+
+    def _forward(self, ex: _Executor) -> Tensor | None:
+        """One forward of up to ``batch_size`` queued rows; processes the chunks it completes.
+        Returns the rows per cell of this forward."""
+        c = self.engine.batch_size
+        pieces: list[tuple[_Chunk, int, int]] = []
+        room = c
+        for ch in ex.queue:
+            if room == 0:
+                break
+            k = min(room, ch.rows - ch.sent)
+            if k:
+                pieces.append((ch, ch.sent, ch.sent + k))
+                room -= k
+        rows = c - room
+        if rows == 0:
+            return None
+        if len(pieces) == 1:
+            ch, a, b = pieces[0]
+            x, plan, keys, cells = ch.x[a:b], ch.plan[a:b], ch.keys[a:b], ch.cell[a:b]
+        else:
+            x = torch.cat([ch.x[a:b] for ch, a, b in pieces])
+            plan = torch.cat([ch.plan[a:b] for ch, a, b in pieces])
+            keys = torch.cat([ch.keys[a:b] for ch, a, b in pieces])
+            cells = torch.cat([ch.cell[a:b] for ch, a, b in pieces])
+        if rows == 1:  # one-row forwards use other kernels (other rounding) than batches do
+            x, plan, keys = x.expand(2, *x.shape[1:]), plan.expand(2), keys.expand(2)
+            self.padded += 1
+        t0 = time.perf_counter()
+        out = ex.fwd(x, plan, keys)[:rows]
+        self.forward_seconds += time.perf_counter() - t0
+        off = 0
+        for ch, a, b in pieces:
+            part = out[off : off + b - a]
+            if (a, b) == (0, ch.rows):  # the whole chunk in one forward: no copy
+                ch.out = part
+            else:
+                if ch.out is None:
+                    ch.out = out.new_empty((ch.rows, out.shape[1]))
+                ch.out[a:b] = part
+            off += b - a
+            ch.sent = b
+        while ex.queue and ex.queue[0].sent == ex.queue[0].rows:
+            self._process(ex.queue.popleft())
+        self.forwards += 1
+        self.rows_total += rows
+        self.fill_total += rows / c
+        return torch.bincount(cells, minlength=len(self.cells))
+
+    def loop(self, on_done: Callable[[EngineRun, Tensor], None] | None) -> None:
+        total = self.cell.shape[0]
+        c = self.engine.batch_size
+        while self.n_done < total:
+            self._done_batch = []
+            self._admit()
+            progressed = False
+            for xi, ex in enumerate(self.executors):
+                t0 = time.perf_counter()
+                need = c - ex.queued_rows()
+                if need > 0:
+                    self._select(xi, need)
+                counts = self._forward(ex)
+                if counts is None:
+                    continue
+                progressed = True
+                dt = time.perf_counter() - t0  # selection, proposals, forward and processing
+                rows = int(counts.sum())
+                for ci, k in enumerate(counts.tolist()):
+                    if k:
+                        st = self.stats[ci]
+                        st.forwards += 1
+                        st.fill_sum += rows / c
+                        st.rows += k
+                        st.seconds += dt * k / rows
+            if not progressed and self.n_done < total and self.next_job >= total:
+                raise RuntimeError("engine stalled: jobs are left but none can run")
+            if self._done_batch and on_done is not None:
+                on_done(self, torch.cat(self._done_batch))
+            if self.engine.progress is not None:
+                self.engine.progress(
+                    Progress(self.n_done, total, self.forwards, self.rows_total,
+                             int(self.used.sum()), time.perf_counter() - self.t_start,
+                             self.fill_total / max(self.forwards, 1))
+                )  # fmt: skip

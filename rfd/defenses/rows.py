@@ -1,0 +1,208 @@
+"""Defenses applied row by row: one forward batch serves several defenses and keyed noise.
+
+The evaluation runs a model's whole grid (no defense, input noise, feature noise, AAA, ... under
+every attack) through shared forward batches, so that a long-surviving image of one cell never
+leaves the accelerator idle while other cells still have work. That needs each defense expressed
+per row: a defense transforms its rows' inputs, adds noise to its rows' hidden features, and/or
+post-processes its rows' logits, while other rows of the same forward pass untouched (adding an
+exact zero). Every noise draw comes from :mod:`rfd.rng` keyed by the row's key, so a query's
+noise is the same whatever rows share its forward.
+
+A defense takes part by implementing any of (see :class:`rfd.defenses.base.Defense`):
+
+- ``row_input(x, rng) -> x``: transform input rows (input noise);
+- ``row_noise() -> list[NoiseSpec]``: noise added to named layers' outputs (feature noise);
+- ``row_logits(z) -> z``: post-process logits rows (AAA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rfd.rng import KeyedRNG, stream_id
+
+PRECISIONS = ("32", "tf32", "bf16")
+DISTRIBUTIONS = ("gaussian", "laplace")
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """Noise ``nu * scale * z`` added to the output of the module at ``layer`` (a path in the
+    base model), ``z`` of unit variance from ``dist``; ``scale`` is an optional per-channel
+    multiplier (channels: dim 1 of (B, C, ...) features, the last dim of (B, N, D) tokens)."""
+
+    layer: str
+    nu: float
+    dist: str = "gaussian"
+    scale: Tensor | None = None
+
+
+def unit_noise(rng: KeyedRNG, shape: Sequence[int], dist: str, dtype: torch.dtype) -> Tensor:
+    """Zero-mean, unit-std noise per row; Laplace has the same standard deviation as Gaussian,
+    so ``nu`` means the same thing for both."""
+    z = rng.normal(shape) if dist == "gaussian" else rng.laplace(shape)
+    return z.to(dtype)
+
+
+def channel_view(std: Tensor, like: Tensor) -> Tensor:
+    shape = [1] * like.ndim
+    shape[-1 if like.ndim == 3 else 1] = -1
+    return std.to(like.device, like.dtype).view(shape)
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """Autocast for bf16; TF32 matmuls/convolutions for tf32 (CUDA only); nothing for 32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32" and device.type == "cuda":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield
+
+
+def _has(plan: Any, op: str) -> bool:
+    """Whether ``plan`` implements a row operation (``Defense`` subclasses list theirs)."""
+    return op in getattr(type(plan), "row_ops", ())
+
+
+class RowForward:
+    """Forward rows through one base model, each row under its own defense plan and noise key.
+
+    Used as a context manager: entering registers the noise hooks on the base model (first in
+    hook order, so other hooks see the noisy features) and applies ``channels_last``; leaving
+    removes every hook and restores the memory format, so the model is left exactly as found.
+
+    Args:
+        base: the undefended classifier all plans share.
+        plans: defense objects (``None`` or any object without row operations = undefended).
+        precision: ``"32"``, ``"tf32"`` (CUDA) or ``"bf16"`` (autocast; logits come back fp32).
+        channels_last: run convolutions in NHWC (faster on GPUs with tensor cores).
+        compile: ``torch.compile`` the base model (the hooks are traced with it).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        plans: Sequence[Any],
+        precision: str = "32",
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        self.base, self.plans = base, list(plans)
+        self.precision, self.channels_last, self.compile = precision, channels_last, compile
+        self.inputs = [p for p, d in enumerate(self.plans) if _has(d, "row_input")]
+        self.outputs = [p for p, d in enumerate(self.plans) if _has(d, "row_logits")]
+        self.layers: dict[str, list[tuple[int, NoiseSpec]]] = {}
+        for p, d in enumerate(self.plans):
+            for spec in d.row_noise() if _has(d, "row_noise") else []:
+                if spec.nu > 0:
+                    self.layers.setdefault(spec.layer, []).append((p, spec))
+        self._streams = {layer: stream_id(f"layer:{layer}") for layer in self.layers}
+        self._handles: list[Any] = []
+        self._call: tuple[Tensor, Tensor, dict[int, Tensor | None]] | None = None
+        self._model: nn.Module = base
+        self._entered = 0
+
+    @property
+    def device(self) -> torch.device:
+        t = next(iter(self.base.parameters()), None)
+        return t.device if t is not None else torch.device("cpu")
+
+    def __enter__(self) -> RowForward:
+        if self._entered == 0:
+            for layer in self.layers:
+                mod = self.base.get_submodule(layer)
+                self._handles.append(
+                    mod.register_forward_hook(partial(self._hook, layer), prepend=True)
+                )
+            if self.channels_last:
+                self.base.to(memory_format=torch.channels_last)
+            self._model = torch.compile(self.base) if self.compile else self.base
+        self._entered += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._entered -= 1
+        if self._entered == 0:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            if self.channels_last:
+                self.base.to(memory_format=torch.contiguous_format)
+            self._model = self.base
+
+    def rows_of(self, p: int) -> Tensor | None:
+        """Row indices of plan ``p`` in the current call (``None``: every row)."""
+        assert self._call is not None
+        plan, _, cache = self._call
+        if p not in cache:
+            cache[p] = None if len(self.plans) == 1 else (plan == p).nonzero()[:, 0]
+        return cache[p]
+
+    def __call__(self, x: Tensor, plan: Tensor, keys: Tensor) -> Tensor:
+        """Logits (rows, K) in fp32 for rows ``x`` under plans ``plan`` (rows,) and noise keys
+        ``keys`` (rows,) int64."""
+        if not self._entered:
+            with self:
+                return self(x, plan, keys)
+        self._call = (plan, keys, {})
+        try:
+            if self.inputs:
+                x = x.clone()
+                for p in self.inputs:
+                    idx = self.rows_of(p)
+                    if idx is None:
+                        x = self.plans[p].row_input(x, KeyedRNG(keys).stream("input"))
+                    elif idx.numel():
+                        rng = KeyedRNG(keys[idx]).stream("input")
+                        x[idx] = self.plans[p].row_input(x[idx], rng)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with precision_context(self.precision, x.device):
+                z = self._model(x)
+            if z.dtype in (torch.bfloat16, torch.float16):
+                z = z.float()
+            for p in self.outputs:
+                idx = self.rows_of(p)
+                if idx is None:
+                    z = self.plans[p].row_logits(z)
+                elif idx.numel():
+                    z[idx] = self.plans[p].row_logits(z[idx])
+            return z
+        finally:
+            self._call = None
+
+    def _hook(self, layer: str, module: nn.Module, args: Any, out: Any) -> Tensor | None:
+        if self._call is None:  # a forward of the base model outside this executor: untouched
+            return None
+        if not isinstance(out, Tensor):
+            raise TypeError(f"layer {layer!r} returns {type(out).__name__}, not a tensor")
+        _, keys, _ = self._call
+        shape = out.shape[1:]
+        for p, spec in self.layers[layer]:
+            idx = self.rows_of(p)
+            k = keys if idx is None else keys[idx]
+            if idx is not None and idx.numel() == 0:
+                continue
+            z = unit_noise(KeyedRNG(k).stream(self._streams[layer]), shape, spec.dist, out.dtype)
+            d = spec.nu * z if spec.scale is None else spec.nu * channel_view(spec.scale, z) * z
+            out = out + d if idx is None else out.index_add(0, idx, d)
+        return out

@@ -1,0 +1,193 @@
+"""Counter-based random numbers keyed by (seed, image, query): randomness that packing cannot move.
+
+rfd packs queries of many images, attacks and defenses into shared forward batches, and splits
+images across processes. With a stateful generator, an image's noise would then depend on which
+rows happened to share its forward. Here every random number is a pure function of a 64-bit key
+and its position: the key is derived from the seed, the image's dataset index, the query number
+and a named stream, so an image gets the same draws whatever batch size, packing or number of
+devices is used.
+
+The hash is splitmix64 (Steele, Lea, Flood 2014; the finalizer of Java's SplittableRandom), applied
+to ``key + (i + 1) * golden`` for element ``i``: a counter-based generator that passes BigCrush. It
+is written with int64 tensor arithmetic (multiplication wraps modulo 2^64 on CPU and CUDA), so it
+runs vectorized on any device: one hash per element, no Python loop over rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_MASK = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    c &= _MASK
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
+_TWO_PI = 2.0 * math.pi
+_U24 = 2.0**-24
+
+
+def _shr(x: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic: it would copy the sign bit)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def _mix_int(x: int) -> int:
+    x &= _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return _signed(x ^ (x >> 31))
+
+
+def stream_id(name: str) -> int:
+    """A stable integer for a stream name (Python's ``hash`` is salted per process)."""
+    return zlib.crc32(name.encode())
+
+
+# One odd multiplier per part position: folding all parts into one sum before a single mix keeps
+# key derivation to one hash per call (it runs on every forward row); distinct small part
+# values cannot collide unless the multipliers' ratio mod 2^64 is a small rational.
+_PART_MULT = [_signed((0x9E3779B97F4A7C15 * (2 * i + 1)) | 1) for i in range(8)]
+
+
+def _part(p: int | str) -> int:
+    return stream_id(p) if isinstance(p, str) else int(p)
+
+
+def derive(key: int, *parts: int | str) -> int:
+    """A new scalar key from ``key`` and integer or named parts (order matters)."""
+    acc = key
+    for i, p in enumerate(parts):
+        acc += (_part(p) + 1) * _PART_MULT[i]
+    return _mix_int(acc)
+
+
+def derive_rows(keys: Tensor, *parts: int | str | Tensor) -> Tensor:
+    """Per-row keys: ``derive`` applied elementwise; tensor parts vary per row."""
+    if len(parts) > len(_PART_MULT):
+        raise ValueError(f"at most {len(_PART_MULT)} key parts, got {len(parts)}")
+    const = 0
+    k = keys
+    for i, p in enumerate(parts):
+        if isinstance(p, Tensor):
+            k = k + (p.long() + 1) * _PART_MULT[i]
+        else:  # fold constants in Python: int64 tensors cannot hold the unwrapped product
+            const += (_part(p) + 1) * _PART_MULT[i]
+    return _mix(k + _signed(const)) if const or parts else _mix(k)
+
+
+def row_keys(seed: int, ids: Tensor) -> Tensor:
+    """One key per image from a seed and the images' dataset indices (int64, on ``ids``' device)."""
+    return derive_rows(torch.full_like(ids, derive(seed), dtype=torch.int64), ids.long())
+
+
+@functools.lru_cache(maxsize=256)
+def _counters(n: int, offset: int, device: torch.device) -> Tensor:
+    """``(i + 1) * golden + offset`` for i < n: the counter sequence of one stream."""
+    i = torch.arange(1, n + 1, dtype=torch.int64) * _GOLDEN + offset
+    return i.to(device)
+
+
+def _bits(keys: Tensor, n: int, offset: int = 0) -> Tensor:
+    """(A, n) hashed int64 words: element i of row a is ``mix(keys[a] + (i + 1) * golden + offset)``
+    (splitmix64 seeded with the row's key; named streams shift the counter by ``offset``)."""
+    return _mix(keys.view(-1, 1) + _counters(n, offset, keys.device))
+
+
+def _shape(shape: Sequence[int] | int) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
+
+
+class KeyedRNG:
+    """Random draws for a set of rows, each row reproducible from its own key alone.
+
+    ``rng.normal((C, H, W))`` returns an ``(A, C, H, W)`` tensor whose row ``a`` depends only on
+    ``keys[a]`` (and the stream and shape asked for). Use ``rng.stream("name")`` for independent
+    draws within one step; asking twice for the same stream gives the same numbers. Named streams
+    cost nothing per row: they shift the counter sequence (a constant), while tensor parts (per
+    row) re-hash the keys. Different kinds of draw must use different streams: ``uniform`` and
+    ``bits01`` of one stream read the same words.
+    """
+
+    def __init__(self, keys: Tensor, offset: int = 0) -> None:
+        if keys.dtype != torch.int64 or keys.dim() != 1:
+            raise ValueError("keys must be a 1-D int64 tensor")
+        self.keys, self.offset = keys, offset
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    def stream(self, *parts: int | str | Tensor) -> KeyedRNG:
+        if any(isinstance(p, Tensor) for p in parts):
+            return KeyedRNG(derive_rows(self.keys, self.offset, *parts))
+        return KeyedRNG(self.keys, _signed(derive(self.offset, *parts) * 0x9E3779B97F4A7C15 | 1))
+
+    def __getitem__(self, idx: Tensor) -> KeyedRNG:
+        return KeyedRNG(self.keys[idx], self.offset)
+
+    def _words(self, n: int) -> Tensor:
+        return _bits(self.keys, n, self.offset)
+
+    def uniform(
+        self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """U[0, 1) with 24 random bits (float32's mantissa), shaped ``(A, *shape)``."""
+        s = _shape(shape)
+        n = math.prod(s)
+        u = _shr(self._words(n), 40).to(dtype) * _U24
+        return u.view(len(self), *s)
+
+    def normal(self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32) -> Tensor:
+        """N(0, 1) by Box-Muller: one 64-bit hash gives two 24-bit uniforms and two normals."""
+        s = _shape(shape)
+        n = math.prod(s)
+        b = self._words((n + 1) // 2)
+        u1 = 1.0 - _shr(b, 40).to(torch.float32) * _U24  # (0, 1]: the log stays finite
+        u2 = (_shr(b, 16) & 0xFFFFFF).to(torch.float32) * _U24
+        r = torch.sqrt(-2.0 * torch.log(u1))
+        theta = _TWO_PI * u2
+        z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n]
+        return z.to(dtype).view(len(self), *s)
+
+    def laplace(
+        self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """Laplace noise scaled to unit standard deviation (scale 1/sqrt(2)), by inverse CDF."""
+        u = self.uniform(shape, torch.float32) - 0.5
+        # 1 - 2|u| lies in (0, 1]: -log is finite; |u| = 0.5 is impossible with 24-bit uniforms
+        z = -torch.sign(u) * torch.log1p(-2.0 * u.abs()) / math.sqrt(2.0)
+        return z.to(dtype)
+
+    def randint(self, high: int | Tensor, shape: Sequence[int] | int = ()) -> Tensor:
+        """Integers in [0, high) (``high`` per row as an (A,) tensor, or one int), int64."""
+        u = self.uniform(shape, torch.float64)
+        if isinstance(high, Tensor):
+            high = high.to(torch.float64).view(-1, *[1] * (u.dim() - 1))
+        return (u * high).floor().long()
+
+    def bits01(self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32) -> Tensor:
+        """Fair 0/1 draws as floats (the cheap form of random signs)."""
+        s = _shape(shape)
+        b = _shr(self._words(math.prod(s)), 63).to(dtype)
+        return b.view(len(self), *s)
+
+    def bernoulli(self, p: Tensor) -> Tensor:
+        """Booleans that are True with probability ``p`` (shaped ``(A, ...)``, per element)."""
+        return self.uniform(p.shape[1:], torch.float32) < p

@@ -1,0 +1,166 @@
+"""The engine: shared full forwards, keyed randomness, and results that packing cannot move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rfd
+from rfd.attacks import Cell, Engine, make_attack
+from rfd.defenses import RowForward
+from rfd.rng import KeyedRNG, derive_rows, row_keys
+
+
+class Center(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.5) * 4
+
+
+def cnn(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            Center(), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(8 * 16, 10),
+        ).eval()  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    net = cnn()
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    return net, x, y
+
+
+FIELDS = ("adv", "success", "queries", "verify_queries", "fooled_at", "clean_correct")
+
+
+def same(a, b, rows_a=slice(None), rows_b=slice(None)) -> None:
+    for k in FIELDS:
+        assert torch.equal(getattr(a, k)[rows_a], getattr(b, k)[rows_b]), k
+
+
+@pytest.mark.parametrize("attack", ["square", "nes", "signflip"])
+def test_results_do_not_depend_on_batch_size_or_position(data, attack):
+    """Randomness is keyed by (seed, image id, query): an image's result is the same whatever
+    rows share its forwards and wherever it sits in the input."""
+    net, x, y = data
+    defended = rfd.protect(net, "feature", nu=0.3, seed=5)
+    kw = dict(attack=attack, eps=0.1, max_queries=120, seed=1)
+    big = rfd.attack(defended, x, y, max_batch=512, **kw)
+    small = rfd.attack(defended, x, y, max_batch=5, **kw)
+    same(big, small)
+    perm = torch.tensor([7, 2, 11, 0, 5])
+    part = rfd.attack(defended, x[perm], y[perm], ids=perm, max_batch=3, **kw)
+    same(big, part, perm)
+
+
+def test_grid_cells_share_forwards_and_match_separate_runs(data):
+    net, x, y = data
+    defs = [rfd.protect(net, "none"), rfd.protect(net, "input", nu=0.05, seed=2),
+            rfd.protect(net, "feature", nu=0.3, seed=2)]  # fmt: skip
+    atks = [make_attack("square"), make_attack("rays")]
+    cells = [Cell(d, a, 0.1, 100, "vote", 1, 4) for d in defs for a in atks]
+    grid = Engine(32).run(cells, x, y, keep_adv=True)
+    for ci, c in enumerate(cells):
+        alone = Engine(7).run([c], x, y, keep_adv=True)
+        sel = grid.cell == ci
+        assert torch.equal(grid.used[sel], alone.used)
+        assert torch.equal(grid.success[sel], alone.success)
+        assert torch.equal(grid.fooled_at[sel], alone.fooled_at)
+        assert torch.equal(grid.adv[sel], alone.adv)
+    # one executor for the whole grid: every cell's rows rode in the same forwards
+    assert len(grid.executors) == 1
+    assert grid.forwards < sum(Engine(32).run([c], x, y).forwards for c in cells)
+
+
+def test_forwards_are_full_until_the_work_runs_out(data):
+    net, x, y = data
+    xs, ys = x.repeat(8, 1, 1, 1), y.repeat(8)
+    ids = torch.arange(xs.shape[0])
+    cells = [Cell(rfd.protect(net, "feature", nu=0.3, seed=0), make_attack(a), 0.1, 200)
+             for a in ("square", "signhunter")]  # fmt: skip
+    sizes: list[int] = []
+    counting = Engine(40)
+    run = counting.run(cells, xs, ys, ids=ids, on_done=lambda r, g: sizes.append(r.forwards))
+    assert run.forwards * 40 >= run.rows_total
+    full = run.rows_total / (run.forwards * 40)
+    assert full > 0.9, full
+    for st in run.stats:
+        assert st.forwards > 0 and st.fill_sum / st.forwards > 0.9
+        assert st.rows > 0 and st.seconds > 0
+    assert sum(st.rows for st in run.stats) == run.rows_total
+
+
+def test_row_forward_applies_each_plan_to_its_rows_only(data):
+    """One forward holding rows of four defenses equals each defense forwarded on its own rows
+    with the same keys; undefended rows get exactly the model's logits."""
+    net, x, _ = data
+    plans = [rfd.protect(net, "none"), rfd.protect(net, "input", nu=0.05, seed=1),
+             rfd.protect(net, "feature", nu=0.5, seed=1), rfd.protect(net, "aaa")]  # fmt: skip
+    plan = torch.arange(12) % 4
+    keys = row_keys(9, torch.arange(12))
+    with torch.no_grad():
+        mixed = RowForward(net, plans)(x, plan, keys)
+        for p in range(4):
+            rows = plan == p
+            alone = RowForward(net, [plans[p]])(x[rows], torch.zeros(int(rows.sum()), dtype=torch.long),
+                                                keys[rows])  # fmt: skip
+            assert torch.allclose(mixed[rows], alone, atol=1e-6), p
+        assert torch.equal(mixed[plan == 0], net(x[plan == 0]))
+    assert not any(m._forward_hooks for m in net.modules())
+
+
+def test_precision_bf16_runs_and_stays_close(data):
+    net, x, y = data
+    d = rfd.protect(net, "feature", nu=0.3, seed=0)
+    keys = row_keys(0, torch.arange(12))
+    plan = torch.zeros(12, dtype=torch.long)
+    with torch.no_grad():
+        full = RowForward(net, [d])(x, plan, keys)
+        half = RowForward(net, [d], precision="bf16")(x, plan, keys)
+    assert half.dtype == torch.float32
+    assert (half - full).abs().max() < 0.1 * full.abs().max()
+    with pytest.raises(ValueError, match="precision"):
+        RowForward(net, [d], precision="fp8")
+
+
+def test_keyed_rng_is_a_function_of_the_key_alone():
+    ids = torch.arange(50)
+    r = KeyedRNG(row_keys(3, ids))
+    z = r.normal((4, 7))
+    assert z.shape == (50, 4, 7)
+    sub = KeyedRNG(row_keys(3, ids[[10, 3, 40]]))
+    assert torch.equal(sub.normal((4, 7)), z[[10, 3, 40]])
+    assert not torch.equal(r.stream("a").normal((4, 7)), z)
+    assert torch.equal(r.stream("a").normal((4, 7)), r.stream("a").normal((4, 7)))
+    assert not torch.equal(KeyedRNG(derive_rows(r.keys, ids)).normal((4, 7)), z)
+
+
+def test_keyed_rng_moments():
+    r = KeyedRNG(row_keys(0, torch.arange(400)))
+    n = 400 * 1000
+    for z in (r.normal(1000), r.stream("l").laplace(1000)):
+        assert abs(float(z.mean())) < 5 / n**0.5
+        assert abs(float(z.std()) - 1) < 0.01
+    u = r.stream("u").uniform(1000)
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.005
+    k = r.stream("k").randint(torch.full((400,), 7), 1000)
+    counts = torch.bincount(k.flatten(), minlength=7).float() / n
+    assert k.min() == 0 and k.max() == 6 and (counts - 1 / 7).abs().max() < 0.005
+    b = r.stream("b").bernoulli(torch.full((400, 1000), 0.3))
+    assert abs(float(b.float().mean()) - 0.3) < 0.005
+    rows = r.normal(256)
+    off = torch.corrcoef(rows[:20]) - torch.eye(20)
+    assert off.abs().max() < 0.3  # independent rows: |r| ~ 1/16 each
