@@ -1,17 +1,22 @@
-"""Attack efficiency: how much of an attack's wall time is spent in model forwards.
+"""Grid benchmark: batch fill and efficiency of the engine on a trained model, in one run.
 
-    python benchmarks/bench_attacks.py                       # embedded default, CPU, batch 256
-    python benchmarks/bench_attacks.py --model vgg19 --img-size 224 --device cuda
+    python benchmarks/bench_attacks.py                                   # the embedded default, CPU
+    python benchmarks/bench_attacks.py --model vgg19 --img-size 224 --device cuda --precision bf16
 
-efficiency = charged queries x (plain forward seconds per image at the same batch size) / attack
-seconds, measured in the same run on the same defended model. 1.0 means the attack costs nothing
-beyond the forwards it pays for; the target is >= 0.95 on CPU and >= 0.90 on a GPU.
+A grid (defenses × attacks, ν calibrated to a 2% drop) runs through one engine exactly as
+``evaluate.py`` runs it: images leave as they are fooled and new jobs take their slots.
 
-Two further columns separate the attack's own overhead from things the formula also charges to
-it: "incl. uncharged" adds the forwards the budget does not see (the 9-query majority votes and
-the randomness probe); "fwd share" is the fraction of attack time measured inside model forwards
-(timed around each forward), which is also immune to the smaller batches of a shrinking active
-set and to other processes slowing the machine during the run.
+- ``batch fill``: mean over forwards of rows used ÷ batch size (per cell and overall).
+- ``efficiency``: (charged + verification + probe forward rows) × the plain, undefended forward
+  time per image at full batch ÷ wall time. 1.0 means the grid cost nothing beyond the rows it
+  forwarded; everything else (attack arithmetic, defense noise, bookkeeping, partial batches)
+  lowers it.
+- ``forward share``: the fraction of wall time spent inside forwards (defense noise included).
+
+The plain forward time is measured in the same process before and after the grid (the median of
+both), so a machine whose speed drifts during the run is not mistaken for engine overhead.
+Without a checkpoint (``--model`` other than the default) the model is untrained: then most
+images fall within a few queries, the hardest case for keeping batches full.
 """
 
 from __future__ import annotations
@@ -20,162 +25,119 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 import rfd
-from rfd.attacks import CRITERIA, NORMS
+from rfd.attacks import Cell, Engine, make_attack
+from rfd.defenses import calibrate, protect
 
 DEFAULT_CKPT = Path("runs/fmnist_default/best.ckpt")
-SCORE_ATTACKS = ("square", "nes", "signhunter")
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The embedded default from its checkpoint, else an untrained stand-in (timing is the same)."""
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
-    kw = dict(in_chans=args.in_chans, img_size=args.img_size)
-    if ckpt is not None and ckpt.is_file():
-        return rfd.create_model(args.model, args.num_classes, checkpoint=ckpt, **kw)
-    print(f"warning: no checkpoint at {ckpt}; benchmarking an untrained {args.model}")
-    return rfd.create_model(args.model, args.num_classes, **kw)
+def plain_forward_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int, fw: dict) -> float:
+    """Median seconds per image of the undefended model at full batch, same forward settings."""
+    from rfd.defenses import RowForward
 
-
-def load_images(args: argparse.Namespace, model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-    """Fashion-MNIST test images when present (the default model's data), else random images
-    labelled by the model itself (so every image starts correctly classified)."""
-    if args.img_size == 28 and args.in_chans == 1:
-        try:
-            from rfd.data import FashionMNISTDataModule
-
-            n = -(-args.batch // 10) * 10  # the balanced subset needs a multiple of 10 classes
-            dm = FashionMNISTDataModule(batch_size=n)
-            dm.setup()
-            x, y, _ = next(iter(dm.eval_dataloader(n, seed=0)))
-            return x[: args.batch], y[: args.batch]
-        except Exception as e:  # data not installed: timing does not need real images
-            print(f"warning: Fashion-MNIST unavailable ({type(e).__name__}); using random images")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch, args.in_chans, args.img_size, args.img_size, generator=gen)
-    with torch.no_grad():
-        y = model.to(args.device)(x.to(args.device)).argmax(1).cpu()
-    return x, y
-
-
-def feature_spread(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Std of the penultimate features on ``x``: a scale for nu when no calibration is given."""
-    from rfd.models import resolve_layer
-
-    feats: list[torch.Tensor] = []
-    mod = model.get_submodule(resolve_layer(model, "penultimate"))
-    h = mod.register_forward_hook(lambda m, i, o: feats.append(o.detach()))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        h.remove()
-    return float(feats[0].float().std())
-
-
-class Timed(torch.nn.Module):
-    """Accumulates the wall time spent inside the wrapped model's forwards."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.seconds = 0.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        sync()
-        t = time.perf_counter()
-        out = self.net(x)
-        sync()
-        self.seconds += time.perf_counter() - t
-        return out
-
-
-def forward_seconds(net: torch.nn.Module, x: torch.Tensor, reps: int) -> float:
-    """Median seconds of one plain forward of the whole batch."""
+    xb = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+    plan = torch.zeros(batch, dtype=torch.long, device=x.device)
+    keys = torch.arange(batch, device=x.device)
     times = []
-    with torch.no_grad():
-        net(x)
-        for _ in range(reps):
-            if x.is_cuda:
+    with torch.no_grad(), RowForward(model, [None], **fw) as fwd:
+        for _ in range(3):
+            fwd(xb, plan, keys)
+        for _ in range(7):
+            if x.device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            net(x)
-            if x.is_cuda:
+            fwd(xb, plan, keys)
+            if x.device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
+            times.append((time.perf_counter() - t) / batch)
     return statistics.median(times)
 
 
+def load(
+    args: argparse.Namespace,
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, object]:
+    """The model and class-balanced test images (Fashion-MNIST, resized when --img-size asks)."""
+    from rfd.data import FashionMNISTDataModule
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    kw = dict(in_chans=args.in_chans, img_size=args.img_size)
+    if ckpt is not None and ckpt.is_file():
+        model = rfd.create_model(args.model, 10, checkpoint=ckpt, **kw)
+    else:
+        print(f"note: no checkpoint at {ckpt}: benchmarking an untrained {args.model}")
+        model = rfd.create_model(args.model, 10, **kw)
+    dm = FashionMNISTDataModule(batch_size=256, img_size=args.img_size, channels=args.in_chans)
+    dm.setup("test")
+    x, y, ids = next(iter(dm.eval_dataloader(args.n_images, seed=0, batch_size=args.n_images)))
+    calib = dm.calibration_dataloader(1000, seed=0, batch_size=256, n_eval=args.n_images)
+    return model.to(args.device).eval(), x.to(args.device), y.to(args.device), ids, calib
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="test_resnet")
-    p.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--img-size", type=int, default=28)
-    p.add_argument("--in-chans", type=int, default=None, help="default: 1 at 28px, else 3")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--queries", type=int, default=500)
-    p.add_argument("--nu", type=float, default=None, help="default: 0.25 x feature spread")
-    p.add_argument("--norm", default="linf", choices=NORMS)
-    p.add_argument("--criterion", default="vote", choices=CRITERIA)
-    p.add_argument("--attacks", nargs="+", default=list(SCORE_ATTACKS))
-    p.add_argument("--reps", type=int, default=10, help="timed plain forwards per measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = p.parse_args(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="test_resnet")
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
+    ap.add_argument("--img-size", type=int, default=28)
+    ap.add_argument("--in-chans", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n-images", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--defenses", default="none,input,feature")
+    ap.add_argument("--attacks", default="square,nes,signhunter,rays,signflip")
+    ap.add_argument("--precision", default="32", choices=["32", "tf32", "bf16"])
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.in_chans is None:
-        args.in_chans = 1 if args.img_size == 28 else 3
-    if args.model != "test_resnet" and args.checkpoint == str(DEFAULT_CKPT):
-        args.checkpoint = None
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda requested but no CUDA device is available")
-        return 2
-    torch.backends.cudnn.benchmark = args.device == "cuda"
-
-    model = build_model(args).to(args.device).eval()
-    x, y = load_images(args, model)
-    x, y = x.to(args.device), y.to(args.device)
-    nu = args.nu if args.nu is not None else 0.25 * feature_spread(model, x)
-    net = rfd.protect(model, defense="feature", layers="penultimate", nu=nu, seed=0)
-    print(
-        f"model={args.model} img={args.img_size}px device={args.device} batch={len(x)} "
-        f"threads={torch.get_num_threads()} queries={args.queries} nu={nu:.4g} "
-        f"criterion={args.criterion} norm={args.norm}"
-    )
-    header = f"{'attack':<11}{'seconds':>9}{'charged':>10}{'uncharged':>10}{'fwd ms/img':>11}"
-    print(header + f"{'robust':>8}{'efficiency':>12}{'incl. uncharged':>17}{'fwd share':>11}")
-    worst = float("inf")
-    for name in args.attacks:
-        t_before = forward_seconds(net, x, args.reps)
-        timed = Timed(net)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = rfd.attack(
-                timed, x, y, attack=name, norm=args.norm, max_queries=args.queries,
-                criterion=args.criterion, seed=0,
-            )  # fmt: skip
-        t_after = forward_seconds(net, x, args.reps)
-        per_img = (t_before + t_after) / 2 / len(x)
-        charged = int(res.queries.sum())
-        uncharged = int(res.verify_queries.sum()) + res.probe_queries
-        eff = charged * per_img / res.seconds
-        eff_all = (charged + uncharged) * per_img / res.seconds
-        worst = min(worst, eff)
+    fw = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
+    model, x, y, ids, calib = load(args)
+    defenses = {}
+    for d in args.defenses.split(","):
+        nu = calibrate(model, d, data=calib, target_drop=0.02) if d in ("input", "feature") else 0.0
+        defenses[d] = protect(model, d, nu=nu, seed=0)
+    attacks = {a: make_attack(a) for a in args.attacks.split(",")}
+    cells = [Cell(dv, av, args.eps, args.queries, "vote", 1, 0, f"{dn}/{an}")
+             for dn, dv in defenses.items() for an, av in attacks.items()]  # fmt: skip
+    t_before = plain_forward_seconds(model, x, args.batch, fw)
+    engine = Engine(args.batch, **fw)
+    t0 = time.perf_counter()
+    run = engine.run(cells, x, y, ids=ids.to(args.device))
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    t_after = plain_forward_seconds(model, x, args.batch, fw)
+    per_image = statistics.median([t_before, t_after])
+    charged, verify, probe = int(run.used.sum()), int(run.verify.sum()), int(run.probe.sum())
+    rows = charged + verify + probe
+    print(f"model {args.model} {args.img_size}px on {args.device} ({torch.get_num_threads()} threads), "
+          f"{len(defenses)} defenses x {len(attacks)} attacks, {args.n_images} images, "
+          f"{args.queries} queries, batch {args.batch}, precision {args.precision}")  # fmt: skip
+    print(f"{'cell':22s} {'robust':>7s} {'fill':>6s} {'forwards':>9s} {'q/s':>9s}")
+    for ci, c in enumerate(cells):
+        st, sel = run.stats[ci], run.cell == ci
+        robust = float((run.clean_correct[sel] & ~run.success[sel]).float().mean())
+        qps = float(run.used[sel].sum()) / st.seconds if st.seconds else float("nan")
         print(
-            f"{name:<11}{res.seconds:>9.2f}{charged:>10d}{uncharged:>10d}{per_img * 1e3:>11.4f}"
-            f"{res.robust_accuracy():>8.3f}{eff:>12.3f}{eff_all:>17.3f}"
-            f"{timed.seconds / res.seconds:>11.3f}"
+            f"{c.name:22s} {robust:7.3f} {st.fill_sum / st.forwards:6.3f} {st.forwards:9d} {qps:9.0f}"
         )
-    target = 0.95 if args.device == "cpu" else 0.90
-    print(f"worst efficiency {worst:.3f} (target >= {target})")
+    print(f"wall {wall:.1f} s, {run.forwards} forwards, {rows} rows ({charged} charged, {verify} "
+          f"verification, {probe} probe), plain forward {per_image * 1e6:.1f} us/image "
+          f"(before {t_before * 1e6:.1f}, after {t_after * 1e6:.1f})")  # fmt: skip
+    print(
+        f"batch fill {run.fill_total / run.forwards:.3f} | forward share "
+        f"{run.forward_seconds / wall:.3f} | efficiency {rows * per_image / wall:.3f}"
+    )
     return 0
 
 

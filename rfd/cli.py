@@ -1,15 +1,21 @@
-"""Command-line plumbing shared by train.py and evaluate.py (LightningCLI with run=False).
+"""The training front end (train.py): LightningCLI with run=False, one run folder per run.
 
 A run lives in one folder, ``<run_root>/<run_name>/``: ``config.yaml`` (the resolved config),
 ``best.ckpt`` / ``last.ckpt``, ``csv/metrics.csv``, the offline W&B run, and ``result.json`` once the
 run has finished. A rerun of an unfinished run resumes from ``last.ckpt``; a finished run is never
 overwritten unless ``--overwrite true`` is given.
+
+Bad input (an unknown config, a flag of the wrong type, a finished run) raises
+:class:`rfd.settings.UsageError`; ``run_cli`` prints it as one line with exit status 2. The config
+helpers and ``run_cli`` live in :mod:`rfd.settings` and are re-exported here.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -22,41 +28,26 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from rfd.classifier import ClassifierModule
+from rfd.settings import (
+    CONFIG_DIR,
+    REPO_ROOT,
+    UsageError,
+    resolve_config_args,
+    resolve_config_path,
+    run_cli,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
-
-
-class UsageError(Exception):
-    """Bad user input: printed as one line, exit code 2."""
-
-
-def resolve_config_path(value: str) -> str:
-    """A config given as a bare name (``cifar10_vit.yaml`` or ``cifar10_vit``) resolves under configs/."""
-    p = Path(value)
-    if p.is_file():
-        return str(p)
-    for cand in (CONFIG_DIR / value, CONFIG_DIR / f"{value}.yaml", Path("configs") / value):
-        if cand.is_file():
-            return str(cand)
-    names = sorted(q.name for q in CONFIG_DIR.glob("*.yaml"))
-    raise UsageError(f"config {value!r} not found; available in configs/: {', '.join(names)}")
-
-
-def resolve_config_args(argv: list[str]) -> list[str]:
-    """Rewrite every ``--config X`` / ``--config=X`` so bare names find configs/X."""
-    out: list[str] = []
-    it = iter(range(len(argv)))
-    for i in it:
-        a = argv[i]
-        if a == "--config" and i + 1 < len(argv):
-            out += [a, resolve_config_path(argv[i + 1])]
-            next(it, None)
-        elif a.startswith("--config="):
-            out.append("--config=" + resolve_config_path(a.split("=", 1)[1]))
-        else:
-            out.append(a)
-    return out
+__all__ = [
+    "CONFIG_DIR",
+    "REPO_ROOT",
+    "TrainCLI",
+    "UsageError",
+    "make_train_cli",
+    "resolve_config_args",
+    "resolve_config_path",
+    "run_cli",
+    "train_main",
+]
 
 
 def make_loggers(run_dir: Path, wandb_mode: str, project: str, name: str) -> list[Logger]:
@@ -130,14 +121,46 @@ def make_train_cli(argv: list[str]) -> TrainCLI:
     """Parse ``argv`` (config names resolved under configs/) and build trainer, model and data."""
     # We pass the (rewritten) command line explicitly; Lightning warns when sys.argv also has args.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-    return TrainCLI(
-        ClassifierModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        run=False,
-        save_config_callback=None,
-        args=resolve_config_args(argv),
-    )
+    try:
+        return TrainCLI(
+            ClassifierModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            run=False,
+            save_config_callback=None,
+            args=resolve_config_args(argv),
+            parser_kwargs={"exit_on_error": False},  # raise, so the error becomes one line
+        )
+    except argparse.ArgumentError as e:
+        raise UsageError(one_line_parse_error(str(e))) from None
+
+
+def one_line_parse_error(message: str) -> str:
+    """jsonargparse's multi-line parse error as one line: the key, what it takes, the value."""
+    lines = [ln.strip().lstrip("- ").strip() for ln in message.splitlines()]
+    lines = [ln for ln in lines if ln]
+    key = re.match(r'Parser key "([^"]+)"', lines[0]) if lines else None
+    if key is None:
+        return " ".join(lines)
+    skip = ("Does not validate", "Subtypes:", "Errors:", "Given value type:", "Expected a path")
+    given, expected, problems = None, [], []
+    for ln in lines[1:]:
+        exp = re.match(r"Expected an? (.+?)(?:\. Got value: (.*))?$", ln)
+        if ln.startswith("Given value:"):
+            given = ln.split(":", 1)[1].strip()
+        elif exp and "NoneType" not in exp.group(1) and not ln.startswith(skip):
+            expected.append(_type_name(exp.group(1)))
+            given = exp.group(2) if exp.group(2) is not None else given
+        elif not exp and not ln.startswith(skip):
+            problems.append(ln)
+    if problems:
+        return f"{key.group(1)}: {' '.join(problems)}"
+    return f"{key.group(1)}: expected {' or '.join(expected) or 'another value'} (got {given!r})"
+
+
+def _type_name(t: str) -> str:
+    t = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", t)
+    return re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", t)
 
 
 def train_main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -178,15 +201,3 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any] | None:
             f"{result.get('test_acc', float('nan')):.4f} | checkpoint: {result['best_checkpoint']}"
         )
     return result
-
-
-def run_cli(main: Any, argv: list[str] | None = None) -> int:
-    """Run ``main`` and turn usage/data errors into one line on stderr with exit code 2."""
-    from rfd.data import DataMissingError
-
-    try:
-        main(argv)
-    except (UsageError, DataMissingError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -1,167 +1,249 @@
-"""Robustness evaluation as a LightningModule: one ``test_step`` attacks one batch of the
-class-balanced evaluation subset through ``rfd.attack``.
+"""One model's evaluation grid as a LightningModule: every (defense, attack) cell in one engine.
 
-The defense is attached by the ``NoiseDefense`` callback (so this module is defense-agnostic), the
-metrics are torchmetrics (so they sync across DDP ranks) and every attacked image is appended to a
-per-rank JSONL file as soon as its batch finishes, which is what makes runs resumable and the final
-table independent of interruptions. ``Trainer(inference_mode=False)`` is required: AAA optimizes
-logits with autograd inside the forward.
+``test_step`` receives this rank's share of the class-balanced evaluation images (one batch: the
+engine packs jobs itself), measures clean and defended accuracy, and runs every unfinished
+(cell, image) job through :class:`rfd.attacks.Engine`, whose forwards mix queries of all cells.
+Each finished job is appended to its cell's per-rank JSONL file (flushed every few seconds and
+fsynced), so a killed run loses seconds of work and a rerun resumes with the jobs that are left.
+Because all randomness is keyed by (seed, image, query), the resumed results equal those of an
+uninterrupted run, and do not depend on the number of ranks. Lightning supplies the devices, the
+DistributedSampler and the process group; torchmetrics aggregate the logged accuracies across
+ranks, de-duplicating the sampler's padding by dataset index.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+from torch import Tensor, nn
 
+from rfd.attacks import Attack, Cell, Engine, EngineRun, Progress
+from rfd.defenses import Defense, RowForward
+from rfd.metrics import IndexedMean, merge_stats
 from rfd.report import append_jsonl, read_jsonl
+from rfd.rng import derive, derive_rows
 
-# Seeds are derived per batch from the first dataset index of the batch, so a resumed run attacks a
-# batch with exactly the randomness an uninterrupted run would have used.
-_SEED_STRIDE = 1_000_003
-
-
-class IndexedMean(Metric):
-    """Mean of per-sample values, counting each dataset index once across all ranks.
-
-    DistributedSampler pads the last batch by repeating samples so that every rank gets the same
-    number; a plain mean would count those twice. Keeping (index, value) pairs and de-duplicating
-    at ``compute`` gives the mean over distinct images.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-        self.add_state("value", default=[], dist_reduce_fx="cat")
-
-    def update(self, value: torch.Tensor, index: torch.Tensor) -> None:
-        self.index.append(index.detach().long().flatten())
-        self.value.append(value.detach().float().flatten())
-
-    def compute(self) -> torch.Tensor:
-        if len(self.index) == 0:  # an empty list, before any update or sync
-            return torch.tensor(float("nan"))
-        idx, val = dim_zero_cat(self.index), dim_zero_cat(self.value)
-        uniq, inverse = torch.unique(idx, return_inverse=True)
-        order = torch.arange(len(idx), device=idx.device)
-        first = torch.full((len(uniq),), len(idx), device=idx.device, dtype=torch.long)
-        first = first.scatter_reduce(0, inverse, order, reduce="amin")
-        return val[first].mean()
+FLUSH_SECONDS = 2.0  # at most this much finished work is lost when the process is killed
 
 
-class RobustnessEvaluation(L.LightningModule):
-    """Attack each test batch and record per-image outcomes.
+@dataclass
+class GridCell:
+    """A cell of the grid: where its records go and how it is attacked."""
+
+    name: str
+    defense: str
+    attack_name: str
+    model: Defense
+    attack: Attack
+    eps: float
+    max_queries: int
+    criterion: str
+    eot: int
+    seed: int
+    records_dir: Path | None = None
+    done: set[int] = field(default_factory=set)
+
+
+def read_cell(records_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every rank's records and engine statistics of a cell (a torn last line is ignored)."""
+    records = [r for p in sorted(records_dir.glob("records.rank*.jsonl")) for r in read_jsonl(p)]
+    stats = [r for p in sorted(records_dir.glob("stats.rank*.jsonl")) for r in read_jsonl(p)]
+    return records, stats
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """No hardware banner and no tips: the grid prints one table, not thirty lines per cell."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def clean_passes(
+    base: nn.Module,
+    defenses: Sequence[Defense],
+    x: Tensor,
+    y: Tensor,
+    ids: Tensor,
+    n_passes: int,
+    batch_size: int,
+    **forward_kw: Any,
+) -> tuple[Tensor, Tensor]:
+    """Undefended correctness (N,) and each defense's mean correctness over ``n_passes`` noisy
+    passes (D, N), in full forward batches with noise keyed by (defense, image, pass)."""
+    n, d = x.shape[0], len(defenses)
+    passes = [n_passes if m.randomized else 1 for m in defenses]
+    rows_def = torch.cat([torch.full((passes[i] * n,), i) for i in range(d)]).to(x.device)
+    rows_img = torch.cat([torch.arange(n).repeat(passes[i]) for i in range(d)]).to(x.device)
+    rows_pass = torch.cat([torch.arange(passes[i]).repeat_interleave(n) for i in range(d)])
+    keys0 = torch.tensor([derive(m.noise_key(), "clean-pass") for m in defenses], device=x.device)
+    keys = derive_rows(keys0[rows_def], ids[rows_img], rows_pass.to(x.device))
+    right = torch.empty(rows_def.shape[0], dtype=torch.bool, device=x.device)
+    with torch.no_grad(), RowForward(base, list(defenses), **forward_kw) as fwd:
+        for s in range(0, rows_def.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            right[sl] = fwd(x[rows_img[sl]], rows_def[sl], keys[sl]).argmax(1) == y[rows_img[sl]]
+        clean = torch.empty(n, dtype=torch.bool, device=x.device)
+        for s in range(0, n, batch_size):
+            clean[s : s + batch_size] = (
+                base(x[s : s + batch_size]).argmax(1) == y[s : s + batch_size]
+            )
+    acc = torch.zeros((d, n), device=x.device)
+    acc.index_put_((rows_def, rows_img), right.float(), accumulate=True)
+    return clean, acc / torch.tensor(passes, device=x.device).view(-1, 1)
+
+
+class GridEvaluation(L.LightningModule):
+    """Attack this rank's images under every cell of one model's grid, in shared forwards.
 
     Args:
-        model: the undefended classifier (``NoiseDefense`` swaps in the defended wrapper).
-        attack: attack name (``rfd.attacks.ATTACKS``).
-        norm: ``linf`` or ``l2``.
-        eps: perturbation budget in [0, 1] pixel units (None: the data default).
-        max_queries: charged-query budget per image (the largest of the requested budgets).
-        criterion: ``vote``, ``single`` or ``none``.
-        eot: forwards averaged per query (charged each).
-        seed: base seed of the attack (and of the per-batch defense reseeding).
-        attack_params: attack hyperparameter overrides.
-        records_dir: folder of the per-rank JSONL files; ``None`` keeps nothing on disk.
+        model: the undefended classifier (every cell's defense wraps it).
+        make_cells: builds the grid's cells for the model once it is on its device (defenses
+            are calibrated there); ``GridCell.done`` holds dataset indices finished earlier.
+        batch_size: rows per forward.
         n_clean_passes: noisy passes for the defended clean accuracy.
+        forward: ``(device) -> {precision, channels_last, compile}`` for every forward.
+        progress: called with the engine's :class:`Progress` after each forward (rank 0).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        attack: str = "square",
-        norm: str = "linf",
-        eps: float | None = None,
-        max_queries: int = 1000,
-        criterion: str = "vote",
-        eot: int = 1,
-        seed: int = 0,
-        attack_params: dict[str, Any] | None = None,
-        records_dir: str | Path | None = None,
+        make_cells: Callable[[nn.Module], Sequence[GridCell]],
+        batch_size: int = 256,
         n_clean_passes: int = 5,
+        forward: Callable[[torch.device], dict[str, Any]] | None = None,
+        progress: Callable[[Progress], None] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
-        self.attack, self.norm, self.eps = attack, norm, eps
-        self.max_queries, self.criterion, self.eot, self.seed = max_queries, criterion, eot, seed
-        self.attack_params = dict(attack_params or {})
-        self.records_dir = Path(records_dir) if records_dir is not None else None
-        self.n_clean_passes = n_clean_passes
-        self.clean_acc = IndexedMean()
-        self.defended_acc = IndexedMean()
-        self.robust_acc = IndexedMean()
-        self._done: set[int] = set()
-        self.records: list[dict[str, Any]] = []
+        self.make_cells = make_cells
+        self.batch_size, self.n_clean_passes = batch_size, n_clean_passes
+        self.forward = forward
+        self.progress = progress
+        self.cells: list[GridCell] = []
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.stats: dict[str, list[dict[str, Any]]] = {}
+        self.forward_kw: dict[str, Any] = {}
 
     def on_test_start(self) -> None:
-        self._done = {int(r["index"]) for r in self.existing_records()}
+        self.cells = list(self.make_cells(self.model))
+        self.records = {c.name: [] for c in self.cells}
+        self.stats = {c.name: [] for c in self.cells}
+        self.robust_acc = [IndexedMean().to(self.device) for _ in self.cells]
+        self.forward_kw = self.forward(self.device) if self.forward else {}
 
-    def existing_records(self) -> list[dict[str, Any]]:
-        if self.records_dir is None:
-            return []
-        return [
-            r for p in sorted(self.records_dir.glob("records.rank*.jsonl")) for r in read_jsonl(p)
+    def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        x, y, ids = batch[0], batch[1].long(), batch[2].long()
+        defenses: list[Defense] = []
+        for c in self.cells:
+            if all(c.model is not d for d in defenses):
+                defenses.append(c.model)
+        which = [next(i for i, d in enumerate(defenses) if d is c.model) for c in self.cells]
+        clean, defended = clean_passes(
+            self.model, defenses, x, y, ids, self.n_clean_passes, self.batch_size, **self.forward_kw
+        )
+        id_list = ids.tolist()
+        pos = {i: k for k, i in enumerate(id_list)}
+        jobs = [
+            (ci, pos[i])
+            for i in id_list  # image-major, so every cell advances from the start
+            for ci, c in enumerate(self.cells)
+            if i not in c.done
         ]
+        if jobs:
+            cells = [
+                Cell(c.model, c.attack, c.eps, c.max_queries, c.criterion, c.eot, c.seed, c.name)
+                for c in self.cells
+            ]
+            engine = Engine(
+                self.batch_size, progress=self.progress if self.global_rank == 0 else None,
+                **self.forward_kw,
+            )  # fmt: skip
+            writer = _Writer(self, cells, clean, defended, which, y, ids)
+            run = engine.run(cells, x, y, ids=ids, jobs=torch.tensor(jobs, device=x.device),
+                             on_done=writer.done)  # fmt: skip
+            writer.flush(run)
+        for ci, c in enumerate(self.cells):  # the torchmetrics view, synced across ranks
+            rows = self.records[c.name]
+            if rows:
+                idx = torch.tensor([r["index"] for r in rows], device=x.device)
+                val = torch.tensor(
+                    [float(r["attack_clean_correct"] and not r["success"]) for r in rows],
+                    device=x.device,
+                )
+                self.robust_acc[ci].update(val, idx)
 
-    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
-        from rfd.attacks import attack as run_attack
+    def on_test_epoch_end(self) -> None:
+        for ci, c in enumerate(self.cells):  # IndexedMean syncs across ranks itself
+            self.log(f"robust_acc/{c.name}", self.robust_acc[ci].compute())
 
-        x, y, index = batch[0], batch[1], batch[2]
-        todo = torch.tensor([int(i) not in self._done for i in index.tolist()], device=x.device)
-        if not bool(todo.any()):
-            return  # finished in an earlier (interrupted) run
-        key = int(index.min())
-        defended = self.model
-        base = getattr(defended, "base", defended)
-        if hasattr(defended, "reseed"):
-            defended.reseed(self.seed * _SEED_STRIDE + key)
-        with torch.no_grad():
-            clean = base(x).argmax(-1) == y
-            reps = x.repeat(self.n_clean_passes, *([1] * (x.dim() - 1)))
-            passes = defended(reps).argmax(-1).view(self.n_clean_passes, -1) == y
-            defended_correct = passes.float().mean(0)
-        t0 = time.perf_counter()
-        res = run_attack(
-            defended, x, y, attack=self.attack, norm=self.norm, eps=self.eps,
-            max_queries=self.max_queries, criterion=self.criterion, eot=self.eot,
-            seed=self.seed * _SEED_STRIDE + key, **self.attack_params,
-        )  # fmt: skip
-        seconds = time.perf_counter() - t0
-        robust = res.clean_correct & ~res.success
-        rows = [
-            {
-                "index": int(index[i]),
-                "label": int(y[i]),
-                "clean_correct": bool(clean[i]),
-                "defended_correct": float(defended_correct[i]),
-                "attack_clean_correct": bool(res.clean_correct[i]),
-                "success": bool(res.success[i]),
-                "queries": int(res.queries[i]),
-                "verify_queries": int(res.verify_queries[i]),
-                "fooled_at": int(res.fooled_at[i]),
-                "seconds": seconds / len(y),
-            }
-            for i in range(len(y))
-            if bool(todo[i])
-        ]
-        if self.records_dir is not None:
-            append_jsonl(self.records_dir / f"records.rank{self.global_rank}.jsonl", rows)
-        self.records.extend(rows)
-        self._done.update(r["index"] for r in rows)
-        self.clean_acc.update(clean.float(), index)
-        self.defended_acc.update(defended_correct, index)
-        self.robust_acc.update(robust.float(), index)
-        self.log("clean_acc", self.clean_acc, on_step=False, on_epoch=True)
-        self.log("defended_acc", self.defended_acc, on_step=False, on_epoch=True)
-        self.log("robust_acc", self.robust_acc, prog_bar=True, on_step=False, on_epoch=True)
-        self.log("queries", res.queries.float().mean(), prog_bar=True, on_step=True, on_epoch=False)
-        self.log("images", float(len(self._done)), prog_bar=True, on_step=True, on_epoch=False)
+
+class _Writer:
+    """Turns finished jobs into records, buffered and appended (fsynced) every few seconds."""
+
+    def __init__(self, ev: GridEvaluation, cells: list[Cell], clean: Tensor, defended: Tensor,
+                 which: list[int], y: Tensor, ids: Tensor) -> None:  # fmt: skip
+        self.ev, self.cells = ev, cells
+        self.clean, self.defended, self.which = clean.tolist(), defended.tolist(), which
+        self.y, self.ids = y.tolist(), ids.tolist()
+        self.pending: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cells}
+        self.last = time.perf_counter()
+        self.sent: list[dict[str, float]] = [{} for _ in cells]
+
+    def done(self, run: EngineRun, g: Tensor) -> None:
+        cols = [run.cell[g], run.image[g], run.clean_correct[g], run.success[g], run.used[g],
+                run.verify[g], run.fooled_at[g], run.probe[g]]  # fmt: skip
+        for ci, im, cc, ok, q, v, fa, pr in zip(*(c.tolist() for c in cols), strict=True):
+            cell = self.cells[ci]
+            self.pending[cell.name].append({
+                "index": self.ids[im], "label": self.y[im], "clean_correct": bool(self.clean[im]),
+                "defended_correct": float(self.defended[self.which[ci]][im]),
+                "attack_clean_correct": bool(cc), "success": bool(ok), "queries": q,
+                "verify_queries": v, "fooled_at": fa, "probe_queries": pr,
+            })  # fmt: skip
+        if time.perf_counter() - self.last >= FLUSH_SECONDS:
+            self.flush(run)
+
+    def flush(self, run: EngineRun) -> None:
+        ev = self.ev
+        for ci, cell in enumerate(self.cells):
+            rows = self.pending[cell.name]
+            st = run.stats[ci].as_dict()
+            delta = {k: st[k] - self.sent[ci].get(k, 0) for k in st}
+            self.sent[ci] = st
+            gc = ev.cells[ci]
+            if gc.records_dir is not None and (rows or delta["forwards"]):
+                rank = ev.global_rank
+                if rows:
+                    append_jsonl(gc.records_dir / f"records.rank{rank}.jsonl", rows)
+                if delta["forwards"]:
+                    append_jsonl(gc.records_dir / f"stats.rank{rank}.jsonl", [delta])
+            ev.records[cell.name].extend(rows)
+            if delta["forwards"]:
+                ev.stats[cell.name].append(delta)
+            self.pending[cell.name] = []
+        self.last = time.perf_counter()
+
+
+def cell_stats(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The engine statistics of a cell summed over ranks and resumed segments."""
+    return (
+        merge_stats(stats) if stats else {"forwards": 0, "fill_sum": 0.0, "rows": 0, "seconds": 0.0}
+    )

@@ -370,7 +370,34 @@ def test_cli_default_checkpoint_missing_says_how_to_make_it(
 ):
     monkeypatch.chdir(tmp_path)  # no runs/ here
     err = _one_line_exit_2(capsys, ["magnitude"])
-    assert "make demo" in err and "fmnist_default.yaml" in err
+    assert "checkpoint not found" in err and "python train.py --config fmnist_default.yaml" in err
+
+
+def test_cli_missing_data_is_a_usage_error(
+    capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_resnet
+):
+    monkeypatch.setenv("RFD_FMNIST_DIR", str(tmp_path / "empty"))
+    ckpt = _checkpoint(tmp_path, tiny_resnet)
+    err = _one_line_exit_2(capsys, ["ratios", "--checkpoint", str(ckpt)])
+    assert "Fashion-MNIST IDX files not found" in err and "make data" in err
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST is not installed (make data)")
+def test_cli_config_names_the_model_of_a_plain_state_dict(tmp_path: Path, tiny_resnet):
+    plain = tmp_path / "run" / "weights.pt"
+    plain.parent.mkdir()
+    torch.save(tiny_resnet.state_dict(), plain)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("model: {model_name: test_resnet, num_classes: 10, in_chans: 1}\n")
+    args = cli.build_parser().parse_args(
+        ["ratios", "--config", str(cfg), "--checkpoint", str(plain)]
+    )
+    run = cli.load(args)
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(run.model(x), tiny_resnet(x))
+    with pytest.raises(cli.UsageError, match="stores no model hyperparameters"):
+        cli.load(cli.build_parser().parse_args(["ratios", "--checkpoint", str(plain)]))
 
 
 @pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST is not installed (make data)")

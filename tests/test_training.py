@@ -12,7 +12,7 @@ import torch
 
 import rfd
 from rfd.classifier import ClassifierModule, pgd_linf
-from rfd.cli import CONFIG_DIR, UsageError, make_train_cli, train_main
+from rfd.cli import CONFIG_DIR, UsageError, make_train_cli, run_cli, train_main
 from rfd.data import CIFAR10DataModule, FashionMNISTDataModule
 
 TRAIN_CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name != "eval.yaml")
@@ -67,6 +67,26 @@ def test_bare_config_name_and_cli_override(tmp_path: Path) -> None:
     assert cli.model.hparams.lr == 0.5
     with pytest.raises(UsageError, match="available in configs/"):
         make_train_cli(["--config", "no_such_config.yaml"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--trainer.max_epochs", "abc"], "error: trainer.max_epochs: expected int (got 'abc')"),
+        (["--model.lr", "abc"], "error: model.lr: expected float (got 'abc')"),
+        (["--model.adv_training", "trades"], "expected one of 'none', 'pgd', 'fast'"),
+        (["--data.init_args.bogus", "1"], "Option 'bogus' is not accepted"),
+        (["--wandb", "nope"], "invalid choice: 'nope'"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus"),
+        (["--model.gaussian_sigma", "-1"], "error: gaussian_sigma and adv_eps must be >= 0"),
+    ],
+)
+def test_bad_training_flags_are_one_line_exit_2(flags, message, tmp_path: Path, capsys) -> None:
+    argv = ["--config", "fmnist_default", "--run_root", str(tmp_path), "--wandb", "disabled"]
+    assert run_cli(train_main, [*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_fast_dev_run_training_step(fmnist_dm: FashionMNISTDataModule) -> None:

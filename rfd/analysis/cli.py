@@ -10,22 +10,39 @@ Subcommands (each writes ``<out>/<name>.{md,csv,json,png}`` and prints the table
     first-order     first-order approximation error (Figure 3)
     auto-layer      the layer layers="auto" picks, with every layer's score
 
-The default model is the embedded Fashion-MNIST one, ``runs/fmnist_default/best.ckpt``. Bad input
-prints one line on stderr and exits with status 2.
+The model and its data come from :func:`rfd.runs.load_run`: ``--config NAME`` (a training config;
+its checkpoint ``runs/<run_name>/best.ckpt`` unless ``--checkpoint``), ``--checkpoint PATH`` alone
+(the run folder's ``config.yaml`` beside it, else the checkpoint's hyperparameters with
+Fashion-MNIST), or neither: the embedded default, ``configs/fmnist_default.yaml`` with
+``runs/fmnist_default/best.ckpt``. A plain state_dict needs ``--config`` to say which model it is.
+Bad input (flags, a missing checkpoint, missing data) prints one line on stderr and exits with
+status 2 (:func:`rfd.settings.run_cli`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-DEFAULT_CHECKPOINT = Path("runs/fmnist_default/best.ckpt")
+from rfd.runs import LoadedRun, load_run
+from rfd.settings import (
+    BadValue,
+    OneLineParser,
+    UsageError,
+    integer,
+    list_of,
+    number,
+    run_cli,
+    text,
+)
+
+__all__ = ["UsageError", "build_parser", "main", "run"]
+
 DEFAULT_OUT = Path("runs/analysis")
 SUBCOMMANDS = (
     "ratios",
@@ -36,71 +53,30 @@ SUBCOMMANDS = (
     "first-order",
     "auto-layer",
 )
-
-
-class UsageError(Exception):
-    """Bad user input: one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # argparse prints usage + error; we want one line
-        raise UsageError(message)
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def _fraction(s: str) -> float:
-    v = _positive_float(s)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {s!r}")
-    return v
-
-
-def _csv(s: str) -> list[str]:
-    items = [t.strip() for t in s.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return items
-
-
-def _floats(s: str) -> list[float]:
-    return [_positive_float(t) for t in _csv(s)]
+_positive_int = integer(1)
+_positive_float = number(gt=0)
+_fraction = number(gt=0, lt=1)
+_csv = list_of(text)
+_floats = list_of(_positive_float)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every subcommand shares the model/data/output options)."""
-    common = _Parser(add_help=False)
+    common = OneLineParser(add_help=False)
     g = common.add_argument_group("model and data")
+    g.add_argument(
+        "--config",
+        help="training config of the model (bare names resolve in configs/; default: the "
+        "embedded fmnist_default.yaml unless --checkpoint is given alone)",
+    )
     g.add_argument(
         "--checkpoint",
         type=Path,
-        default=DEFAULT_CHECKPOINT,
-        help="Lightning .ckpt or state_dict (default: %(default)s)",
+        help="Lightning .ckpt or state_dict (default: runs/<run_name>/best.ckpt of the config)",
     )
-    g.add_argument("--model", help="timm name; default: from the checkpoint's hyperparameters")
-    g.add_argument("--num-classes", type=_positive_int, help="with --model on a plain state_dict")
-    g.add_argument("--in-chans", type=_positive_int, help="with --model on a plain state_dict")
     g.add_argument("--n-images", type=_positive_int, help="images analysed (subcommand default)")
     g.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (%(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="data subset, probes and noise seed")
+    g.add_argument("--seed", type=integer(0), default=0, help="data subset, probes and noise seed")
     g.add_argument("--batch-size", type=_positive_int, default=256)
     g.add_argument(
         "--threads",
@@ -116,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also log tables and plots to a W&B run (default: %(default)s)",
     )
 
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m rfd.analysis",
         description="The paper's analyses (Theorem 1, Figures 1-3, Tables 3, 6, 14) on a model.",
     )
@@ -205,65 +181,13 @@ N_IMAGES = {
 # --------------------------------------------------------------------------- loading
 
 
-def load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The model and its data module, from the checkpoint and its run folder's config.yaml."""
+def load(args: argparse.Namespace) -> LoadedRun:
+    """The model and its data module (:func:`rfd.runs.load_run`); seeds torch with ``--seed``."""
     import torch
 
-    from rfd.models import checkpoint_hparams, create_model
-
-    ckpt: Path = args.checkpoint
-    if not ckpt.is_file():
-        if ckpt == DEFAULT_CHECKPOINT:
-            raise UsageError(
-                f"no model at {ckpt}: train the embedded default first with `make demo` "
-                "(or `python train.py --config fmnist_default.yaml`), or pass --checkpoint PATH"
-            )
-        raise UsageError(f"checkpoint not found: {ckpt}")
-    try:
-        hp = checkpoint_hparams(ckpt)
-    except Exception as e:
-        raise UsageError(f"unreadable checkpoint {ckpt}: {type(e).__name__}") from None
-    name = args.model or hp.get("model_name")
-    if name is None:
-        raise UsageError(f"{ckpt} stores no model hyperparameters: pass --model NAME")
-    try:
-        model = create_model(
-            name,
-            num_classes=args.num_classes or hp.get("num_classes", 10),
-            in_chans=args.in_chans or hp.get("in_chans", 3),
-            img_size=hp.get("img_size"),
-            checkpoint=ckpt,
-            **(hp.get("model_kwargs") or {}),
-        )
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e).splitlines()[0]) from None
+    run = load_run(args.config, args.checkpoint, stage=None)
     torch.manual_seed(args.seed)
-    return model, _datamodule(ckpt)
-
-
-def _datamodule(ckpt: Path) -> Any:
-    """The run's own data module (``config.yaml`` next to the checkpoint), else Fashion-MNIST."""
-    import yaml
-
-    from rfd.data import FashionMNISTDataModule
-
-    cfg_path = ckpt.parent / "config.yaml"
-    spec: dict[str, Any] = {}
-    if cfg_path.is_file():
-        spec = (yaml.safe_load(cfg_path.read_text()) or {}).get("data") or {}
-    if isinstance(spec, dict) and spec.get("class_path"):
-        mod, _, cls = spec["class_path"].rpartition(".")
-        kwargs = dict(spec.get("init_args") or {})
-        kwargs["augment"] = False
-        try:
-            dm = getattr(importlib.import_module(mod), cls)(**kwargs)
-        except TypeError:
-            kwargs.pop("augment")
-            dm = getattr(importlib.import_module(mod), cls)(**kwargs)
-    else:
-        dm = FashionMNISTDataModule(augment=False)
-    dm.setup()
-    return dm
+    return run
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -309,14 +233,15 @@ def _run(args: argparse.Namespace) -> dict[str, Path]:
     from rfd.analysis import theorem as T
 
     torch.set_num_threads(args.threads)
-    model, dm = load(args)
+    loaded = load(args)
+    model, dm = loaded.model, loaded.datamodule
     n = args.n_images or N_IMAGES[args.command]
     if args.command == "auto-layer":  # calibration images, never the evaluation subset
         eval_data = dm.calibration_dataloader(n, args.seed, batch_size=args.batch_size)
     else:
         eval_data = dm.eval_dataloader(n, args.seed, batch_size=args.batch_size)
     out = args.out
-    meta = {"checkpoint": str(args.checkpoint), "command": args.command, "seed": args.seed}
+    meta = {"checkpoint": str(loaded.checkpoint), "command": args.command, "seed": args.seed}
     files: dict[str, Path] = {}
 
     if args.command == "ratios":
@@ -515,12 +440,9 @@ def _probe(spec: str) -> tuple[str, float]:
     if kind not in PROBES or not scale:
         raise UsageError(f"bad probe {spec!r}: expected KIND:SCALE with KIND in {PROBES}")
     try:
-        value = float(scale)
-    except ValueError:
-        raise UsageError(f"bad probe scale in {spec!r}") from None
-    if not value > 0:
-        raise UsageError(f"probe scale must be > 0 in {spec!r}")
-    return kind, value
+        return kind, _positive_float(scale)
+    except BadValue as e:
+        raise UsageError(f"probe scale in {spec!r} {e}") from None
 
 
 def _print(rows: Sequence[dict[str, Any]]) -> None:
@@ -534,13 +456,13 @@ def _progress(line: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m rfd.analysis``; returns the exit status."""
+    """Entry point of ``python -m rfd.analysis``; returns the exit status (2: bad input)."""
+    return run_cli(_main, None if argv is None else list(argv))
+
+
+def _main(argv: list[str] | None) -> dict[str, Path]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     wandb_run = None
     try:
@@ -556,18 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config={k: str(v) for k, v in vars(args).items()},
             )
         files = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # unknown layer / attack, bad sizes: the library's messages
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:  # e.g. the data set is not installed (message says how)
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
     finally:
         if wandb_run is not None:
             wandb_run.finish()
     elapsed = time.perf_counter() - t0
     print(f"wrote {', '.join(str(p) for p in files.values())} in {elapsed:.1f} s")
-    return 0
+    return files

@@ -153,12 +153,9 @@ def _attack(
 
 
 def _result_cols(res: Any) -> dict[str, Any]:
-    s = res.summary()
+    s = res.summary()  # rfd.metrics names
     return {
-        "robust_acc": s["robust_accuracy"],
-        "attack_clean_acc": s["clean_accuracy"],
-        "success_rate": s["success_rate"],
-        "mean_queries_success": s["mean_queries_success"],
+        k: s[k] for k in ("robust_acc", "attack_clean_acc", "success_rate", "mean_queries_success")
     }
 
 

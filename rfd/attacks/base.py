@@ -229,7 +229,6 @@ class Attack:
     defaults: ClassVar[dict[str, dict[str, Any]]]
     order: ClassVar[int] = 100  # position in ``ATTACKS`` (and so in "all" and in tables)
     min_queries: ClassVar[int] = 1  # fewest queries a step can send; an image stops below it
-    max_queries_per_step: ClassVar[int] = 1  # rows reserved per image (engine admission)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -263,10 +262,6 @@ class Attack:
     def queries(self, remaining: Tensor) -> Tensor:
         """Queries of the next step per image, given the queries each may still send."""
         return torch.ones_like(remaining)
-
-    def steps_hint(self) -> int:
-        """Rows an image's step usually needs (before EOT): the engine's admission unit."""
-        return self.max_queries_per_step
 
     def init(self, view: View) -> State:
         raise NotImplementedError

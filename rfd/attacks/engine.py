@@ -126,7 +126,6 @@ class _Lane:
         self.state: State = {}
         self.cap = 0
         self.free: list[int] = []
-        self.reserve = attack.steps_hint() * eot
 
     def alloc(self, new: State, n: int, device: torch.device) -> Tensor:
         """Slots for ``n`` new jobs, their state written in."""
@@ -195,8 +194,8 @@ class Engine:
 
     Args:
         batch_size: rows per forward (queries, EOT samples and votes alike).
-        oversubscribe: live jobs are admitted until their step rows reach this many batches; more
-            keeps batches full when few images survive long, at the price of memory for states.
+        oversubscribe: at most ``oversubscribe * batch_size`` jobs are live at once (their
+            attack states are in memory); more keeps the end of a large grid full.
         precision, channels_last, compile: forward settings (see :class:`RowForward`).
         progress: called after every forward with a :class:`Progress`.
     """
@@ -204,7 +203,7 @@ class Engine:
     def __init__(
         self,
         batch_size: int = 256,
-        oversubscribe: float = 4.0,
+        oversubscribe: float = 16.0,
         precision: str = "32",
         channels_last: bool = False,
         compile: bool = False,
@@ -287,12 +286,14 @@ class EngineRun:
         self.job_inv_budget = 1.0 / self._cell_budget[self.cell].double()
         self.akey = derive_rows(self._cell_akey[self.cell], self.ids[self.image])
         self.dkey = derive_rows(self._cell_dkey[self.cell], self.ids[self.image])
-        self.next_job = 0
-        self.live_reserve = 0
+        self.next_job = self.n_live = 0
+        self.max_live = max(int(engine.oversubscribe * engine.batch_size), 1)
         self.t_start = time.perf_counter()
         self.forwards = self.rows_total = 0
         self.fill_total = self.forward_seconds = 0.0
         self.padded = 0  # rows forwarded only to keep one-row forwards on batch kernels
+        self.forward_rows: list[int] = []  # rows of each forward
+        self.drain_from: int | None = None  # first forward after the last job was admitted
         self.n_done = 0
         self._done_batch: list[Tensor] = []
 
@@ -339,7 +340,6 @@ class EngineRun:
         self._cell_akey, self._cell_dkey = t(akeys), t(dkeys)
         self._cell_budget = t([c.max_queries for c in self.cells])
         self._cell_eot = t([c.eot for c in self.cells])
-        self._cell_reserve = [self.lanes[li].reserve for li in cell_lane]
 
     def executors_entered(self) -> Any:
         from contextlib import ExitStack
@@ -396,24 +396,24 @@ class EngineRun:
         return _Chunk(kind, lane, g, x, self._cell_plan[cell], keys, cell, extra)
 
     # ------------------------------------------------------------------------------ jobs
-    def _admit(self) -> None:
-        e = self.engine
-        limit = e.oversubscribe * e.batch_size
+    def _admit(self) -> bool:
+        """Admit the next jobs, up to ``max_live`` live jobs. Starting every job as early as
+        memory allows matters more than anything else for full batches at the end: with all
+        survivors live together, least-spent-first service keeps them level and they finish
+        together, instead of the last-admitted ones running on alone through half-empty
+        batches. Returns whether any job was admitted."""
         total = self.cell.shape[0]
         start = self.next_job
-        idle = self.next_job < total and not bool(self.live.any())  # admit one even if too big
-        while self.next_job < total and (
-            self.live_reserve < limit or (idle and self.next_job == start)
-        ):
-            self.live_reserve += self._cell_reserve[int(self.cell[self.next_job])]
-            self.next_job += 1
+        self.next_job = min(total, start + self.max_live - self.n_live)
         if self.next_job == start:
-            return
+            return False
         new = torch.arange(start, self.next_job, device=self.device)
         self.live[new] = True
+        self.n_live += new.shape[0]
         for lane, sub in self._by_lane(new):
             state = lane.attack.init(self._view(lane, sub, init=True))
             self.slot[sub] = lane.alloc(state, sub.shape[0], self.device)
+        return True
 
     def _finish(self, g: Tensor) -> None:
         if g.numel() == 0:
@@ -424,7 +424,7 @@ class EngineRun:
         for lane, sub in self._by_lane(g):
             lane.release(self.slot[sub])
         self.slot[g] = -1
-        self.live_reserve -= sum(self._cell_reserve[c] for c in self.cell[g].tolist())
+        self.n_live -= g.shape[0]
         self.n_done += g.shape[0]
         self._done_batch.append(g)
 
@@ -634,14 +634,15 @@ class EngineRun:
                 )
 
     # ------------------------------------------------------------------------------ the loop
-    def _select(self, xi: int, need: int) -> None:
-        """Give the least-spent idle jobs of executor ``xi`` their next rows (about ``need``)."""
+    def _select(self, xi: int, need: int) -> int:
+        """Give the least-spent idle jobs of executor ``xi`` their next rows (about ``need``);
+        returns how many rows are still missing when every idle job has been given its step."""
         idle = self.live & ~self.busy
         if len(self.executors) > 1:
             idle &= self._cell_exec[self.cell] == xi
         g = idle.nonzero()[:, 0]
         if g.numel() == 0:
-            return
+            return need
         eot = self.job_eot[g]
         clean = self.phase[g] == CLEAN
         prio = torch.where(clean, -1.0, self.used[g] * self.job_inv_budget[g])
@@ -650,17 +651,24 @@ class EngineRun:
         rows = eot.clone()
         if self.executors[xi].opaque:
             rows += clean & (eot == 1)  # the randomness probe
-        run = (~clean).nonzero()[:, 0]
-        for lane, sub in self._by_lane(run):  # steps: the attack says how many queries
-            rem = (lane.budget - self.used[g[sub]]) // lane.eot
-            rows[sub] = lane.attack.queries(rem) * lane.eot
-        take = int(torch.searchsorted(torch.cumsum(rows, 0), need)) + 1
+        # steps: the attack says how many queries each image sends next
+        lanes = self.job_lane[g] if len(self.lanes) > 1 else None
+        for k, lane in enumerate(self.lanes):
+            m = ~clean if lanes is None else ~clean & (lanes == k)
+            if bool(m.any()):
+                rows[m] = (
+                    lane.attack.queries((lane.budget - self.used[g[m]]) // lane.eot) * lane.eot
+                )
+        cum = torch.cumsum(rows, 0)
+        take = int(torch.searchsorted(cum, need)) + 1
+        short = max(need - int(cum[-1]), 0)
         g, clean = g[:take], clean[:take]
         for phase_mask, make in ((clean, self._clean_chunk), (~clean, self._step_chunk)):
             sel = g[phase_mask]
             if sel.numel():
                 for lane, sub in self._by_lane(sel):
                     self._enqueue(make(lane, sub))
+        return short
 
     def _forward(self, ex: _Executor) -> Tensor | None:
         """One forward of up to ``batch_size`` queued rows; processes the chunks it completes.
@@ -706,6 +714,9 @@ class EngineRun:
         while ex.queue and ex.queue[0].sent == ex.queue[0].rows:
             self._process(ex.queue.popleft())
         self.forwards += 1
+        self.forward_rows.append(rows)
+        if self.drain_from is None and self.next_job >= self.cell.shape[0]:
+            self.drain_from = self.forwards - 1  # from here on no job is left to admit
         self.rows_total += rows
         self.fill_total += rows / c
         return torch.bincount(cells, minlength=len(self.cells))
@@ -721,7 +732,9 @@ class EngineRun:
                 t0 = time.perf_counter()
                 need = c - ex.queued_rows()
                 if need > 0:
-                    self._select(xi, need)
+                    short = self._select(xi, need)
+                    if short > 0 and self._admit():  # new jobs take the empty rows
+                        self._select(xi, short)
                 counts = self._forward(ex)
                 if counts is None:
                     continue

@@ -54,9 +54,6 @@ class NESAttack(Attack):
             raise ValueError(f"nes fd_eta and lr must be > 0, got {self.fd_eta}, {self.lr}")
         self.pairs = int(self.samples) // 2
 
-    def steps_hint(self) -> int:
-        return 2 * self.pairs + 1
-
     def queries(self, remaining: Tensor) -> Tensor:
         # the last step uses fewer pairs so that the budget is used up rather than left over
         return 2 * torch.clamp((remaining - 1) // 2, max=self.pairs) + 1
