@@ -13,8 +13,10 @@ A grid (defenses × attacks, ν calibrated to a 2% drop) runs through one engine
   lowers it.
 - ``forward share``: the fraction of wall time spent inside forwards (defense noise included).
 
-The plain forward time is measured in the same process before and after the grid (the median of
-both), so a machine whose speed drifts during the run is not mistaken for engine overhead.
+The plain forward time is measured during the grid itself: every ``--probe-every`` forwards the
+benchmark times one plain forward of a full batch (its time is taken out of the wall time), and
+the median of those probes is used. A machine whose speed drifts during the run, or whose caches
+the engine's own work leaves cold, then slows both sides of the ratio alike.
 Without a checkpoint (``--model`` other than the default) the model is untrained: then most
 images fall within a few queries, the hardest case for keeping batches full.
 """
@@ -36,26 +38,45 @@ from rfd.defenses import calibrate, protect
 DEFAULT_CKPT = Path("runs/fmnist_default/best.ckpt")
 
 
-def plain_forward_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int, fw: dict) -> float:
-    """Median seconds per image of the undefended model at full batch, same forward settings."""
-    from rfd.defenses import RowForward
+class PlainProbe:
+    """Times one plain (undefended) forward of a full batch every ``every`` engine forwards."""
 
-    xb = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
-    plan = torch.zeros(batch, dtype=torch.long, device=x.device)
-    keys = torch.arange(batch, device=x.device)
-    times = []
-    with torch.no_grad(), RowForward(model, [None], **fw) as fwd:
-        for _ in range(3):
-            fwd(xb, plan, keys)
-        for _ in range(7):
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fwd(xb, plan, keys)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t) / batch)
-    return statistics.median(times)
+    def __init__(
+        self, model: torch.nn.Module, x: torch.Tensor, batch: int, fw: dict, every: int
+    ) -> None:
+        from rfd.defenses import RowForward
+
+        self.xb = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch].contiguous()
+        self.plan = torch.zeros(batch, dtype=torch.long, device=x.device)
+        self.keys = torch.arange(batch, device=x.device)
+        self.fwd = RowForward(model, [None], **fw)
+        self.batch, self.every = batch, every
+        self.times: list[float] = []
+        self.spent = 0.0
+        self.last = -every
+
+    def time_one(self) -> None:
+        t = time.perf_counter()
+        sync = self.xb.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            self.fwd(self.xb, self.plan, self.keys)
+        if sync:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        self.times.append((t2 - t1) / self.batch)
+        self.spent += t2 - t
+
+    def __call__(self, p: object) -> None:
+        if p.forwards - self.last >= self.every:
+            self.last = p.forwards
+            self.time_one()
+
+    @property
+    def per_image(self) -> float:
+        return statistics.median(self.times)
 
 
 def load(
@@ -97,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
+    ap.add_argument("--probe-every", type=int, default=100, help="forwards between plain timings")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,17 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     attacks = {a: make_attack(a) for a in args.attacks.split(",")}
     cells = [Cell(dv, av, args.eps, args.queries, "vote", 1, 0, f"{dn}/{an}")
              for dn, dv in defenses.items() for an, av in attacks.items()]  # fmt: skip
-    t_before = plain_forward_seconds(model, x, args.batch, fw)
-    engine = Engine(args.batch, **fw)
+    probe = PlainProbe(model, x, args.batch, fw, args.probe_every)
+    for _ in range(3):  # warm-up (and compilation) outside the timings
+        probe.time_one()
+    probe.times.clear()
+    probe.spent = 0.0
+    engine = Engine(args.batch, progress=probe, **fw)
     t0 = time.perf_counter()
     run = engine.run(cells, x, y, ids=ids.to(args.device))
     if x.device.type == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    t_after = plain_forward_seconds(model, x, args.batch, fw)
-    per_image = statistics.median([t_before, t_after])
-    charged, verify, probe = int(run.used.sum()), int(run.verify.sum()), int(run.probe.sum())
-    rows = charged + verify + probe
+    wall = time.perf_counter() - t0 - probe.spent
+    per_image = probe.per_image
+    charged, verify, probe_rows = int(run.used.sum()), int(run.verify.sum()), int(run.probe.sum())
+    rows = charged + verify + probe_rows
     print(f"model {args.model} {args.img_size}px on {args.device} ({torch.get_num_threads()} threads), "
           f"{len(defenses)} defenses x {len(attacks)} attacks, {args.n_images} images, "
           f"{args.queries} queries, batch {args.batch}, precision {args.precision}")  # fmt: skip
@@ -132,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{c.name:22s} {robust:7.3f} {st.fill_sum / st.forwards:6.3f} {st.forwards:9d} {qps:9.0f}"
         )
     print(f"wall {wall:.1f} s, {run.forwards} forwards, {rows} rows ({charged} charged, {verify} "
-          f"verification, {probe} probe), plain forward {per_image * 1e6:.1f} us/image "
-          f"(before {t_before * 1e6:.1f}, after {t_after * 1e6:.1f})")  # fmt: skip
+          f"verification, {probe_rows} probe), plain forward {per_image * 1e6:.1f} us/image "
+          f"(median of {len(probe.times)} timings during the run)")  # fmt: skip
     print(
         f"batch fill {run.fill_total / run.forwards:.3f} | forward share "
         f"{run.forward_seconds / wall:.3f} | efficiency {rows * per_image / wall:.3f}"

@@ -134,17 +134,20 @@ def attack(
     x, y = images.to(device), labels.to(device)
     run = engine.run([cell], x, y, ids=None if ids is None else ids.to(device), keep_adv=True)
     seconds = time.perf_counter() - t0
-    out = images.device
     assert run.adv is not None
+
+    def out(t: Tensor) -> Tensor:  # the engine runs in inference mode; results are plain tensors
+        return t.to(images.device).clone()
+
     return AttackResult(
-        adv=run.adv.to(out),
-        success=run.success.to(out),
-        queries=run.used.to(out),
-        verify_queries=run.verify.to(out),
-        clean_correct=run.clean_correct.to(out),
-        fooled_at=run.fooled_at.to(out),
-        labels=y.to(out),
-        probe=run.probe.to(out),
+        adv=out(run.adv),
+        success=out(run.success),
+        queries=out(run.used),
+        verify_queries=out(run.verify),
+        clean_correct=out(run.clean_correct),
+        fooled_at=out(run.fooled_at),
+        labels=out(y),
+        probe=out(run.probe),
         attack=attack,
         norm=norm,
         eps=float(eps),

@@ -213,8 +213,8 @@ class Attack:
     - ``init(view) -> state``: the per-image state (a dict of tensors with leading dim A);
     - ``queries(remaining) -> (A,)``: how many queries the next step sends (default 1);
     - ``propose(view, state) -> (A, C, H, W)`` or ``(A, R, C, H, W)``: the next queries (rows
-      beyond an image's ``queries`` are ignored and not charged); it may put scratch entries
-      into ``state`` (keys ``init`` did not create) for ``observe`` to read;
+      beyond an image's ``queries`` are ignored and not charged); it may put scratch tensors
+      (leading dim A) into ``state`` under keys ``init`` did not create, for ``observe``;
     - ``observe(view, state, reply) -> state``: learn from the answers (``state`` is the very
       dict ``propose`` saw; only the keys ``init`` created are kept);
     - ``best(view, state) -> (A, C, H, W)``: the point to report if an image is never fooled.

@@ -123,6 +123,8 @@ class _Lane:
             attack, eps, budget, eot, criterion,
         )  # fmt: skip
         self.kind = attack.kind
+        # attacks that keep Attack.queries send one query per step: no per-step checks needed
+        self.single = type(attack).queries is Attack.queries
         self.state: State = {}
         self.cap = 0
         self.free: list[int] = []
@@ -233,7 +235,9 @@ class Engine:
         key all randomness (default: positions). ``on_done(run, job_ids)`` is called after each
         forward with the jobs that finished in it."""
         run = EngineRun(self, list(cells), images, labels, ids, jobs, keep_adv)
-        with torch.no_grad(), run.executors_entered():
+        # inference mode: no autograd bookkeeping on the thousands of small ops per second (AAA
+        # still differentiates: it works on a clone outside inference mode)
+        with torch.inference_mode(), run.executors_entered():
             run.loop(on_done)
         return run
 
@@ -282,6 +286,8 @@ class EngineRun:
         self.stats = [CellStats() for _ in cells]
         self._setup_cells()
         self.job_lane = self._cell_lane[self.cell]
+        self.job_label = self.labels[self.image]
+        self.job_plan = self._cell_plan[self.cell]
         self.job_eot = self._cell_eot[self.cell]
         self.job_inv_budget = 1.0 / self._cell_budget[self.cell].double()
         self.akey = derive_rows(self._cell_akey[self.cell], self.ids[self.image])
@@ -296,6 +302,7 @@ class EngineRun:
         self.drain_from: int | None = None  # first forward after the last job was admitted
         self.n_done = 0
         self._done_batch: list[Tensor] = []
+        self._boxes: dict[float, tuple[Tensor, Tensor]] = {}
 
     def _setup_cells(self) -> None:
         def pluggable(m: nn.Module) -> bool:
@@ -360,7 +367,18 @@ class EngineRun:
         def x0() -> Tensor:
             return self.images[self.image[g]]
 
-        return View(x0, lane.eps, lane.attack.norm, lane.budget, rem, step, rng, lane.eot)
+        view = View(x0, lane.eps, lane.attack.norm, lane.budget, rem, step, rng, lane.eot)
+        if lane.attack.norm == "linf":
+            view._box = lambda: tuple(t[self.image[g]] for t in self._box(lane.eps))
+        return view
+
+    def _box(self, eps: float) -> tuple[Tensor, Tensor]:
+        """The Linf box of every image at radius ``eps``, computed once (attacks read it at
+        every step; a gather is cheaper than recomputing it)."""
+        if eps not in self._boxes:
+            x = self.images
+            self._boxes[eps] = ((x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0))
+        return self._boxes[eps]
 
     def _noise_keys(self, gi: Tensor, query: Tensor | int, sub: Tensor | int) -> Tensor:
         """The defense-noise key of each row: (job's key, query number, EOT/vote/probe sample).
@@ -392,8 +410,12 @@ class EngineRun:
 
     def _chunk(self, kind: str, lane: _Lane, g: Tensor, x: Tensor, gi: Tensor, keys: Tensor,
                extra: dict[str, Any]) -> _Chunk:  # fmt: skip
-        cell = self.cell[gi]
-        return _Chunk(kind, lane, g, x, self._cell_plan[cell], keys, cell, extra)
+        return _Chunk(kind, lane, g, x, self.job_plan[gi], keys, self.cell[gi], extra)
+
+    def _executor(self, g: Tensor) -> _Executor:
+        if len(self.executors) == 1:
+            return self.executors[0]
+        return self.executors[int(self._cell_exec[self.cell[g[0]]])]
 
     # ------------------------------------------------------------------------------ jobs
     def _admit(self) -> bool:
@@ -456,12 +478,11 @@ class EngineRun:
 
     def _enqueue(self, ch: _Chunk) -> None:
         self.busy[ch.jobs] = True
-        self.executors[int(self._cell_exec[self.cell[ch.jobs[0]]])].queue.append(ch)
+        self._executor(ch.jobs).queue.append(ch)
 
     # ------------------------------------------------------------------------------ chunks
     def _clean_chunk(self, lane: _Lane, g: Tensor) -> _Chunk:
-        ex = self.executors[int(self._cell_exec[self.cell[g[0]]])]
-        probe = 1 if (ex.opaque and lane.eot == 1) else 0
+        probe = 1 if (self._executor(g).opaque and lane.eot == 1) else 0
         per = lane.eot + probe
         x = self.images[self.image[g]].repeat_interleave(per, 0)
         subs = torch.arange(per, device=self.device)
@@ -481,21 +502,26 @@ class EngineRun:
 
     def _step_chunk(self, lane: _Lane, g: Tensor) -> _Chunk:
         view = self._view(lane, g)
-        n = lane.attack.queries(view.remaining)
-        if bool((n < 1).any()) or bool((n > view.remaining).any()):
-            raise BudgetError(
-                f"attack {lane.attack.name!r} planned {n.tolist()} queries with "
-                f"{view.remaining.tolist()} left"
-            )
+        if lane.single:  # one query per step, and every live job can pay one (_end_or_continue)
+            n = None
+        else:
+            n = lane.attack.queries(view.remaining)
+            if bool(((n < 1) | (n > view.remaining)).any()):
+                raise BudgetError(
+                    f"attack {lane.attack.name!r} planned {n.tolist()} queries with "
+                    f"{view.remaining.tolist()} left"
+                )
         state = lane.read(self.slot[g])  # observe gets this very dict, with propose's scratch
         q = lane.attack.propose(view, state)
         if q.dim() == view.x0.dim():
             q = q.unsqueeze(1)
         r, m = q.shape[1], lane.eot
-        if int(n.max()) > r:
+        if n is not None and int(n.max()) > r:
             raise BudgetError(
                 f"attack {lane.attack.name!r} proposed {r} queries, planned {n.max()}"
             )
+        if n is None and r != 1:
+            raise BudgetError(f"attack {lane.attack.name!r} proposed {r} queries, planned 1")
         if lane.kind == "score":
             q, inside = view.project(q), None
         else:  # decision attacks walk in from outside the ball: only a point inside can succeed
@@ -503,10 +529,10 @@ class EngineRun:
             inside = view.inside(q)
         # each query's number (the image's queries so far) and EOT sample key its noise, so a
         # query gets the same noise whatever it is packed with
-        qnum = (self.used[g] // m).unsqueeze(1) + torch.arange(1, r + 1, device=self.device)
         if r == 1:
-            valid, flat, gi, qnum = None, q[:, 0], g, qnum[:, 0]
+            valid, flat, gi, qnum = None, q[:, 0], g, self.used[g] // m + 1
         else:
+            qnum = (self.used[g] // m).unsqueeze(1) + torch.arange(1, r + 1, device=self.device)
             valid = torch.arange(r, device=self.device).unsqueeze(0) < n.unsqueeze(1)
             flat, gi, qnum = q[valid], g.unsqueeze(1).expand(-1, r)[valid], qnum[valid]
         if m > 1:
@@ -524,7 +550,7 @@ class EngineRun:
     def _process(self, ch: _Chunk) -> None:
         lane, g, out = ch.lane, ch.jobs, ch.out
         assert out is not None
-        y = self.labels[self.image[g]]
+        y = self.job_label[g]
         if ch.kind == "step":
             self._process_step(ch, y)
         elif ch.kind == "clean":
@@ -551,7 +577,7 @@ class EngineRun:
         raw = ch.out.view(g.shape[0], per, -1)
         self.used[g] += m
         self.probe[g] += probe
-        if probe or (m > 1 and self.executors[int(self._cell_exec[self.cell[g[0]]])].opaque):
+        if probe or (m > 1 and self._executor(g).opaque):
             a, b = raw[:, 0], raw[:, 1]  # two forwards of the same image: do they differ?
             if bool((a - b).abs().amax() > 1e-5 * (1.0 + float(a.abs().amax()))):
                 for ci in set(self.cell[g].tolist()):
@@ -587,9 +613,9 @@ class EngineRun:
             labf[valid] = lab
         adversarial = labf != y.unsqueeze(1)
         fooled = adversarial if inside is None else adversarial & inside
-        used_before = self.used[g].clone()
-        self.used[g] += n * m
-        self.steps[g] += 1
+        used_before = self.used[g]
+        self.used.index_add_(0, g, torch.full_like(g, m) if n is None else n * m)
+        self.steps.index_add_(0, g, torch.ones_like(g))
         if lane.kind == "score":
             yy = y.view(a, 1, 1).expand(a, r, 1)
             zy = zf.gather(-1, yy).squeeze(-1)

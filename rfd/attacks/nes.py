@@ -9,7 +9,7 @@ gradient step for L2. The current iterate is queried with its probes (one extra 
 step): without it, an iterate that is already adversarial would go unnoticed, and the published
 code's habit of checking it for free would undercount the budget. The probes are laid out as
 ``[x, +u1, -u1, +u2, -u2, ...]`` so that a last step with fewer queries left still sends whole
-pairs; ``observe`` redraws the same ``u`` from the step's keyed stream instead of storing them.
+pairs.
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ class NESAttack(Attack):
 
     def propose(self, view: View, state: State) -> Tensor:
         x = state["x"]
-        u = self._probes(view) * self.fd_eta  # (A, k, C, H, W)
+        state["u"] = u = self._probes(view)  # (A, k, C, H, W); scratch for observe
+        step = u * self.fd_eta
         xe = x.unsqueeze(1)
-        pairs = torch.stack([xe + u, xe - u], 2).flatten(1, 2)  # +u1, -u1, +u2, -u2, ...
+        pairs = torch.stack([xe + step, xe - step], 2).flatten(1, 2)  # +u1, -u1, +u2, -u2, ...
         return torch.cat([xe, pairs], 1)
 
     def observe(self, view: View, state: State, reply: Reply) -> State:
@@ -81,7 +82,7 @@ class NESAttack(Attack):
         k = (self.queries(view.remaining) - 1) // 2  # pairs actually sent per image
         valid = torch.arange(self.pairs, device=x.device).unsqueeze(0) < k.unsqueeze(1)
         diff = (m[:, 1::2] - m[:, 2::2]) * valid / (2 * k.unsqueeze(1) * self.fd_eta)
-        grad = torch.einsum("ak,ak...->a...", diff, self._probes(view))
+        grad = torch.einsum("ak,ak...->a...", diff, state["u"])
         # Descend the margin: it is the attacker's loss and turns negative once fooled.
         if self.norm == "linf":
             step = grad.sign()

@@ -74,7 +74,8 @@ class RayS(Attack):
 
     def propose(self, view: View, state: State) -> Tensor:
         x0 = view.x0.flatten(1)
-        point = x0 + self._radius(state).unsqueeze(1) * self._attempt(state)
+        state["att"] = att = self._attempt(state)  # scratch for observe
+        point = x0 + self._radius(state).unsqueeze(1) * att
         return point.clamp(0.0, 1.0).view_as(view.x0)
 
     def observe(self, view: View, state: State, reply: Reply) -> State:
@@ -89,8 +90,7 @@ class RayS(Attack):
         found = ~check | adv  # a search only starts from a found direction
         finish = ~searching
         better = finish & found & (hi < state["dist"])
-        att = self._attempt(state)
-        sgn = select(better, att, state["sgn"])
+        sgn = select(better, state["att"], state["sgn"])
         dist = torch.where(better, hi, state["dist"])
         level, block = state["level"], state["block"]
         d = sgn.shape[1]

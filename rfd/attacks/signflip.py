@@ -121,7 +121,9 @@ class SignFlip(Attack):
         return out
 
     def observe(self, view: View, state: State, reply: Reply) -> State:
-        st = {k: t.clone() for k, t in state.items()}
+        # Each phase updates only its own images and only the keys it changes; a key is copied
+        # (once) the first time a phase writes it, so steady-state steps never copy ``xa``.
+        out: State = {}
         ok = reply.adversarial[:, 0]
         for ph, step in (
             (INIT, self._after_init),
@@ -130,34 +132,41 @@ class SignFlip(Attack):
             (FLIP, self._after_flip),
         ):
             m = (state["phase"] == ph).nonzero()[:, 0]
-            if m.numel():
-                sub = {k: t[m] for k, t in state.items()}
-                new = step(view.subset(m), sub, ok[m], reply.x[m, 0])
-                for k, t in new.items():
-                    st[k][m] = t
-        return st
+            if m.numel() == 0:
+                continue
+            every = m.numel() == len(ok)
+            sub = state if every else {k: t[m] for k, t in state.items()}
+            new = step(view if every else view.subset(m), sub, ok if every else ok[m],
+                       reply.x[:, 0] if every else reply.x[m, 0])  # fmt: skip
+            for k, t in new.items():
+                if every:
+                    out[k] = t
+                else:
+                    if k not in out:
+                        out[k] = state[k].clone()
+                    out[k][m] = t
+        return out
 
     def _after_init(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
         # 1. uniform random images until one is misclassified (each try is a query)
         xa = select(ok, x, s["xa"])
         hi = (xa - view.x0).flatten(1).abs().amax(1)
-        phase = torch.where(ok, SEARCH, INIT)
-        s = {**s, "xa": xa, "hi": torch.where(ok, hi, s["hi"]), "lo": torch.zeros_like(hi)}
+        new = {"xa": xa, "hi": torch.where(ok, hi, s["hi"]), "lo": torch.zeros_like(hi)}
         if self.search_steps == 0:
-            return self._start_flips(view, s, ok)
-        return {**s, "phase": phase}
+            return {**new, **self._start_flips(view, {**s, **new}, ok)}
+        return {**new, "phase": torch.where(ok, SEARCH, INIT)}
 
     def _after_search(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
         # 2. Linf binary search between the original and the random image
         mid = (s["lo"] + s["hi"]) / 2
-        s = {**s, "hi": torch.where(ok, mid, s["hi"]), "lo": torch.where(ok, s["lo"], mid)}
-        s["count"] = s["count"] + 1
-        return self._start_flips(view, s, s["count"] >= int(self.search_steps))
+        new = {"hi": torch.where(ok, mid, s["hi"]), "lo": torch.where(ok, s["lo"], mid),
+               "count": s["count"] + 1}  # fmt: skip
+        go = new["count"] >= int(self.search_steps)
+        return {**new, **self._start_flips(view, {**s, **new}, go)}
 
     def _start_flips(self, view: View, s: State, go: Tensor) -> State:
         delta = _toward(s["xa"], view.x0, s["hi"]) - view.x0
         return {
-            **s,
             "delta": select(go, delta, s["delta"]),
             "phase": torch.where(go, PROJECT, s["phase"]),
             "count": torch.where(go, 0, s["count"]),
@@ -167,7 +176,6 @@ class SignFlip(Attack):
         # 3. a random +-alpha move, projected into the Linf ball of radius l - alpha
         cand = self._projected(view, s)
         return {
-            **s,
             "delta": select(ok, cand, s["delta"]),
             "acc_proj": s["acc_proj"] + ok,
             "phase": torch.full_like(s["phase"], FLIP),
@@ -188,7 +196,6 @@ class SignFlip(Attack):
         shift = (rate_f < 0.3).to(prob.dtype) * 1e-3 - (rate_f > 0.7).to(prob.dtype) * 1e-3
         adapted = (prob + shift.view(-1, 1, 1, 1)).clamp(self.prob_min, self.prob_max)
         return {
-            **s,
             "delta": delta,
             "prob": select(adapt, adapted, prob),
             "alpha": torch.where(adapt, new_alpha, alpha),

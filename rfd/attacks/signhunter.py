@@ -50,15 +50,15 @@ class SignHunter(Attack):
             "chunk": zero.clone(),
         }
 
-    def _mask(self, state: State) -> Tensor:
-        """The chunk each image flips this step (nothing before its first answer)."""
-        up, level, chunk = state["up"], state["level"], state["chunk"]
-        d = up.shape[1]
-        size = torch.ceil(d / 2.0 ** level.double()).long()
-        start, end = chunk * size, torch.clamp((chunk + 1) * size, max=d)
-        ar = torch.arange(d, device=up.device)
-        started = torch.isfinite(state["best"]).unsqueeze(1)
-        return (ar >= start.unsqueeze(1)) & (ar < end.unsqueeze(1)) & started
+    def _chunk(self, state: State) -> tuple[Tensor, Tensor, Tensor]:
+        """This step's chunk [start, end) per image, and whether the image has started (its
+        all-plus vertex answered: before that nothing is flipped)."""
+        level, chunk = state["level"], state["chunk"]
+        d = state["up"].shape[1]
+        size = torch.ceil(d / torch.pow(2.0, level.double())).long()
+        start = chunk * size
+        end = torch.clamp(start + size, max=d)
+        return start, end, torch.isfinite(state["best"])
 
     def _vertex(self, view: View, up: Tensor) -> Tensor:
         up = up.view_as(view.x0)
@@ -69,30 +69,30 @@ class SignHunter(Attack):
 
     def propose(self, view: View, state: State) -> Tensor:
         up = state["up"]
-        state["mask"] = mask = self._mask(state)  # scratch for observe
+        start, end, started = self._chunk(state)
+        state["end"], state["started"] = end, started  # scratch for observe
+        ar = torch.arange(up.shape[1], device=up.device)
+        mask = (ar >= start.unsqueeze(1)) & (ar < end.unsqueeze(1)) & started.unsqueeze(1)
+        state["mask"] = mask
         return self._vertex(view, (up - mask.to(up.dtype)).abs())
 
     def observe(self, view: View, state: State, reply: Reply) -> State:
         up, best, level, chunk = state["up"], state["best"], state["level"], state["chunk"]
-        mask = state["mask"]
+        end, started = state["end"], state["started"]
         m = reply.margin[:, 0]
-        keep = (m <= best).unsqueeze(1) & mask  # ties keep the flip, as in the original
-        up = (up - keep.to(up.dtype)).abs()
-        started = torch.isfinite(best)
+        keep = (m <= best).unsqueeze(1) & state["mask"]  # ties keep the flip, as in the original
         d = up.shape[1]
-        size = torch.ceil(d / 2.0 ** level.double()).long()
-        end = torch.clamp((chunk + 1) * size, max=d)
-        nxt = chunk + 1
-        wrap = (nxt == 2**level) | (end == d)
-        top = math.ceil(math.log2(d))
+        nxt = chunk + started  # the chunk position advances once the hierarchy has started
+        wrap = started & ((nxt == torch.pow(2, level)) | (end == d))
         # all levels done: restart the hierarchy from the current signs (the queries stay
         # vertices of the ball around the original, so the center never moves)
-        new_level = torch.where(wrap, torch.where(level + 1 == top + 1, 0, level + 1), level)
+        top = math.ceil(math.log2(d))
+        new_level = torch.where(wrap, (level + 1) % (top + 1), level)
         return {
-            "up": up,
+            "up": (up - keep.to(up.dtype)).abs(),
             "best": torch.minimum(best, m),
-            "level": torch.where(started, new_level, level),
-            "chunk": torch.where(started, torch.where(wrap, 0, nxt), chunk),
+            "level": new_level,
+            "chunk": torch.where(wrap, 0, nxt),
         }
 
     def best(self, view: View, state: State) -> Tensor:
