@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-size", type=int, default=28)
     ap.add_argument("--in-chans", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--n-images", type=int, default=500)
+    ap.add_argument("--n-images", type=int, default=200)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--eps", type=float, default=0.1)

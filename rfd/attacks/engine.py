@@ -44,7 +44,7 @@ from rfd.attacks.base import (
 )
 from rfd.defenses.base import Defense
 from rfd.defenses.rows import RowForward
-from rfd.rng import KeyedRNG, derive, derive_rows
+from rfd.rng import KeyedRNG, derive, derive_rows, offset_rows
 
 _VOTE_SUB, _PROBE_SUB = 1000, 2000  # noise-key sub-indices of vote and probe rows
 CLEAN, RUN, VOTE = 0, 1, 2
@@ -362,7 +362,7 @@ class EngineRun:
         step = self.steps[g]
 
         def rng() -> KeyedRNG:  # keyed by (attack seed, image, the image's own step)
-            return KeyedRNG(derive_rows(self.akey[g], "init" if init else step))
+            return KeyedRNG(offset_rows(self.akey[g], 0 if init else step + 1))
 
         def x0() -> Tensor:
             return self.images[self.image[g]]
@@ -383,7 +383,7 @@ class EngineRun:
     def _noise_keys(self, gi: Tensor, query: Tensor | int, sub: Tensor | int) -> Tensor:
         """The defense-noise key of each row: (job's key, query number, EOT/vote/probe sample).
         Query 0 is the clean query; a query's number is fixed by the job's own history."""
-        return derive_rows(self.dkey[gi], query, sub)
+        return offset_rows(self.dkey[gi], query, sub)
 
     def _by_lane(self, g: Tensor) -> list[tuple[_Lane, Tensor]]:
         """Split jobs ``g`` by lane, keeping their order within each lane."""
