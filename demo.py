@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rfd.cli import run_cli, train_main
+from rfd.evaluation import quiet_lightning
 from rfd.runner import evaluate_main
 
 RUN = Path("runs/fmnist_default")
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     result_file = RUN / "result.json"
     if not result_file.exists():
         print("demo: training the embedded default (configs/fmnist_default.yaml)")
-        train_main(["--config", "fmnist_default.yaml"])
+        with quiet_lightning():  # no hardware banner or tips around the demo's output
+            train_main(["--config", "fmnist_default.yaml"])
     result = json.loads(result_file.read_text())
     print(
         f"demo: fmnist_default test accuracy {100 * result['test_acc']:.2f}% "

@@ -85,7 +85,8 @@ def load(
     """The model and class-balanced test images (Fashion-MNIST, resized when --img-size asks)."""
     from rfd.data import FashionMNISTDataModule
 
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    default = DEFAULT_CKPT if args.model == "test_resnet" else None
+    ckpt = Path(args.checkpoint) if args.checkpoint else default
     kw = dict(in_chans=args.in_chans, img_size=args.img_size)
     if ckpt is not None and ckpt.is_file():
         model = rfd.create_model(args.model, 10, checkpoint=ckpt, **kw)
@@ -102,7 +103,7 @@ def load(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="test_resnet")
-    ap.add_argument("--checkpoint", default=str(DEFAULT_CKPT))
+    ap.add_argument("--checkpoint", default=None, help=f"default: {DEFAULT_CKPT} for test_resnet")
     ap.add_argument("--img-size", type=int, default=28)
     ap.add_argument("--in-chans", type=int, default=1)
     ap.add_argument("--device", default="cpu")
