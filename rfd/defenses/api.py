@@ -15,7 +15,7 @@ from torch import nn
 
 from rfd.defenses import calibration
 from rfd.defenses.autolayer import auto_layer
-from rfd.defenses.base import DEFENSES, Defense, check_nu
+from rfd.defenses.base import DEFENSES, Defense
 from rfd.defenses.calibration import AUTO, Calibration
 
 
@@ -57,9 +57,6 @@ def protect(
     if defense not in DEFENSES:
         raise ValueError(f"unknown defense {defense!r}; valid defenses: {', '.join(DEFENSES)}")
     cls = DEFENSES[defense]
-    if cls.calibrated:
-        for v in nu if isinstance(nu, (list, tuple)) else [nu]:
-            check_nu(v)
     if cls.layered and layers == AUTO:
         layers = _auto_layer(model, opts)
     return cls.build(model, nu=nu, layers=layers, seed=seed, **opts)

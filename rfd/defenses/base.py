@@ -73,7 +73,8 @@ class Defense(nn.Module):
         name: the registry key (``rfd.protect(defense=name)``, ``--defense name``).
         title: the row title in tables (the paper's: Base, Input, Feature, AAA).
         calibrated: it has a noise std ``nu`` that ``rfd.calibrate`` tunes to a target
-            clean-accuracy drop; the constructor takes ``nu``.
+            clean-accuracy drop; the constructor takes ``nu`` and checks it (``check_nu``): the
+            one place a library value is validated.
         layered: it acts at named layers; the constructor takes ``layers``.
         order: position in ``DEFENSES`` (and so in "all" and in tables).
 
