@@ -120,6 +120,7 @@ class GridEvaluation(L.LightningModule):
         n_clean_passes: noisy passes for the defended clean accuracy.
         forward: ``(device) -> {precision, channels_last, compile}`` for every forward.
         progress: called with the engine's :class:`Progress` after each forward (rank 0).
+        bpda: white-box attacks use BPDA through defenses that declare it (see ``Engine``).
     """
 
     def __init__(
@@ -130,8 +131,10 @@ class GridEvaluation(L.LightningModule):
         n_clean_passes: int = 5,
         forward: Callable[[torch.device], dict[str, Any]] | None = None,
         progress: Callable[[Progress], None] | None = None,
+        bpda: bool = True,
     ) -> None:
         super().__init__()
+        self.bpda = bpda
         self.model = model
         self.make_cells = make_cells
         self.batch_size, self.n_clean_passes = batch_size, n_clean_passes
@@ -174,7 +177,7 @@ class GridEvaluation(L.LightningModule):
             ]
             engine = Engine(
                 self.batch_size, progress=self.progress if self.global_rank == 0 else None,
-                **self.forward_kw,
+                bpda=self.bpda, **self.forward_kw,
             )  # fmt: skip
             writer = _Writer(self, cells, clean, defended, which, y, ids)
             run = engine.run(cells, x, y, ids=ids, jobs=torch.tensor(jobs, device=x.device),

@@ -46,6 +46,29 @@ def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return zy - other
 
 
+def cross_entropy_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy per row: the loss PGD (Madry et al.) and APGD-CE ascend."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def dlr_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Difference of Logits Ratio per row (Croce & Hein, ICML 2020), to be ascended:
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)`` with ``z_pi`` the sorted logits. Invariant to
+    shifting and rescaling the logits, so a defense cannot hide behind their scale. Needs at
+    least three classes."""
+    z = logits.float()
+    srt = z.sort(dim=1).values
+    zy = z.gather(1, labels.view(-1, 1)).squeeze(1)
+    top_is_y = z.argmax(1) == labels
+    other = torch.where(top_is_y, srt[:, -2], srt[:, -1])
+    return -(zy - other) / (srt[:, -1] - srt[:, -3] + 1e-12)
+
+
+# The losses a gradient query can differentiate: name -> per-row loss of (logits, labels). CE and
+# DLR are ascended by the attacks; the margin (negative once misclassified) is descended.
+LOSSES = {"ce": cross_entropy_loss, "margin": margin_loss, "dlr": dlr_loss}
+
+
 def iter_batches(
     data: Data, batch_size: int = 256, n_images: int | None = None
 ) -> Iterator[tuple[Tensor, Tensor]]:

@@ -100,12 +100,17 @@ def paper_table(
             where the paper has one; decision attacks fall back to the bare attack title's column.
     """
     columns: list[tuple[str, int]] = []
+    titles: dict[tuple[str, int], str] = {}
     for a in dict.fromkeys(s["attack"] for s in summaries):
+        first = next(s for s in summaries if s["attack"] == a)
+        fixed = _fixed_column(first)
         budgets = {int(b) for s in summaries if s["attack"] == a for b in s["robust_acc_at"]}
-        columns += [(a, b) for b in sorted(budgets)]
-    header = ["Model", "Method", "Acc"] + [
-        f"{attack_title(a)} {budget_label(b)}" for a, b in columns
-    ]
+        if fixed is not None:  # white-box attacks: steps and EOT name the column, not a budget
+            budgets = {max(budgets)}
+        for b in sorted(budgets):
+            columns.append((a, b))
+            titles[(a, b)] = fixed or f"{attack_title(a)} {budget_label(b)}"
+    header = ["Model", "Method", "Acc"] + [titles[c] for c in columns]
     ref = paper_value if with_paper else _no_paper
     rows: list[list[str]] = []
     for model, defense in dict.fromkeys((s["model"], s["defense"]) for s in summaries):
@@ -125,6 +130,20 @@ def paper_table(
             row.append(_with_paper(pct(cell["robust_acc_at"][str(b)]) if cell else "—", paper))
         rows.append(row)
     return header, rows
+
+
+def _fixed_column(summary: dict[str, Any]) -> str | None:
+    """The column title an attack chooses for itself (white-box: "PGD-20 EOT10"), if any."""
+    from rfd.attacks import ATTACKS, make_attack
+
+    name = summary["attack"]
+    if name not in ATTACKS or "attack_params" not in summary:
+        return None
+    try:
+        atk = make_attack(name, summary.get("norm", "linf"), **summary["attack_params"])
+    except ValueError:
+        return None
+    return atk.column(int(summary.get("eot") or 1))
 
 
 def details_lines(summaries: Sequence[dict[str, Any]]) -> list[str]:

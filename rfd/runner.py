@@ -247,7 +247,8 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
             used.update(forward_settings(s, device))
             return dict(used)
 
-        module = GridEvaluation(lr.model, grid, s.batch_size, s.n_clean_passes, forward, bar)
+        module = GridEvaluation(lr.model, grid, s.batch_size, s.n_clean_passes, forward, bar,
+                                bpda=s.bpda)  # fmt: skip
         loader = lr.datamodule.eval_dataloader(s.n_images, seed=s.seed, batch_size=s.n_images)
         print(f"[{display}] {len(s.defense)} defenses × {len(s.attack)} attacks, {s.n_images} "
               f"images, {budget} queries, batch {s.batch_size}")  # fmt: skip
@@ -270,7 +271,7 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
                 nu=grid.nus.get(cell.defense), layers=s.layers if cal or cell.defense == "feature" else None,
                 calibration=({"target_drop": cal.target_drop, "drop": cal.drop,
                               "drop_std": cal.drop_std, "clean_acc": cal.clean_acc} if cal else None),
-                attack_params=dict(cell.attack.params), **used_forward,
+                attack_params=dict(cell.attack.params), bpda=s.bpda, **used_forward,
             )  # fmt: skip
             summaries.append(summary)
             curves.setdefault(f"{display} {cell.attack_name}", {})[cell.defense] = robust_curve(

@@ -468,6 +468,11 @@ class EvalSettings:
     )  # fmt: skip
     channels_last: bool = _setting(False, boolean, "channels-last memory format for forwards")
     compile: bool = _setting(False, boolean, "torch.compile the model")
+    bpda: bool = _setting(
+        True, boolean,
+        "white-box attacks pass a defense's declared surrogate (the identity) in place of its "
+        "non-differentiable part (BPDA); --no-bpda differentiates through it as implemented",
+    )  # fmt: skip
     # how, not what: excluded from the spec fingerprint
     run_dir: str | None = _setting(
         None, optional(text), "run folder (default: runs/eval/<name>-<settings hash>)",

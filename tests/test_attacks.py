@@ -31,7 +31,8 @@ from rfd.attacks import (
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "attack"
 CASES = [(a, n) for a, cls in ATTACKS.items() for n in cls.norms]
-RANDOMIZED_ATTACKS = ("square", "nes", "signflip")  # SignHunter and RayS use no randomness
+# SignHunter, RayS, FGSM and C&W-L2 use no randomness; PGD, C&W and APGD start at random points
+RANDOMIZED_ATTACKS = ("square", "nes", "signflip", "pgd", "cw", "apgd")
 PROPS = settings(
     max_examples=5,
     deadline=None,
@@ -285,9 +286,9 @@ def test_decision_attacks_use_labels_only(tiny, attack, monkeypatch):
     seen = []
     real = rfd.attacks.Reply.__init__
 
-    def spy(self, adversarial, x, margin=None, logits=None):
-        seen.append(margin is not None or logits is not None)
-        real(self, adversarial, x, margin, logits)
+    def spy(self, adversarial, x, *scores):
+        seen.append(any(t is not None for t in scores))
+        real(self, adversarial, x, *scores)
 
     monkeypatch.setattr(rfd.attacks.Reply, "__init__", spy)
     rfd.attack(net, x, y, **kw)
@@ -445,7 +446,7 @@ def test_eps_none_uses_the_data_default(tiny):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(attack="pgd"), "square, nes, signhunter, rays, signflip"),
+        (dict(attack="boundary"), "square, nes, signhunter, rays, signflip, fgsm, pgd"),
         (dict(attack="rays", norm="l2"), "supported: linf"),
         (dict(norm="l1"), "linf, l2"),
         (dict(eps=0.0), "eps"),
@@ -467,11 +468,14 @@ def test_invalid_arguments(tiny, kwargs, match):
 def test_registry_metadata():
     assert list(ATTACKS)[:5] == ["square", "nes", "signhunter", "rays", "signflip"]
     for name, cls in ATTACKS.items():
-        assert cls.name == name and cls.kind in ("score", "decision") and cls.title
+        assert cls.name == name and cls.kind in ("score", "decision", "gradient") and cls.title
         assert set(cls.defaults) == set(cls.norms)
         doc = sys.modules[cls.__module__].__doc__
-        assert re.search(r'"[^"]{20,}" \w+ 20\d\d', doc), name  # cites "Title." Venue Year
+        assert re.search(r'"[^"]{20,}" [\w&. ]+ 20\d\d', doc), name  # cites "Title." Venue Year
     assert ATTACKS["rays"].norms == ("linf",) and ATTACKS["signflip"].norms == ("linf",)
+    white = {n for n, c in ATTACKS.items() if c.kind == "gradient"}
+    assert white == {"fgsm", "pgd", "cw", "cw_l2", "apgd"}
+    assert not ATTACKS["cw_l2"].constrained and ATTACKS["pgd"].constrained
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))

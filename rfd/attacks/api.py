@@ -59,6 +59,7 @@ def attack(
     precision: str = "32",
     channels_last: bool = False,
     compile: bool = False,
+    bpda: bool = True,
     **attack_kwargs: Any,
 ) -> AttackResult:
     """Attack a (possibly randomized) classifier through the engine, all images at once.
@@ -89,6 +90,9 @@ def attack(
             positions 0..N-1. With the same ids, an image's result does not depend on the batch.
         precision: ``"32"``, ``"tf32"`` or ``"bf16"`` for the forwards.
         channels_last, compile: forward layout and ``torch.compile`` (the model is restored).
+        bpda: white-box attacks pass the surrogate (the identity) of a defense's declared
+            non-differentiable part (JPEG) in its place (Athalye et al. 2018); ``False``
+            differentiates through the defense as implemented (and meets its masked gradient).
         **attack_kwargs: hyperparameters overriding the attack's defaults (see ``ATTACKS``).
 
     Returns:
@@ -129,7 +133,8 @@ def attack(
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else images.device
     cell = Cell(model, atk, float(eps), max_queries, criterion, eot, seed, attack)
-    engine = Engine(max_batch, precision=precision, channels_last=channels_last, compile=compile)
+    engine = Engine(max_batch, precision=precision, channels_last=channels_last, compile=compile,
+                    bpda=bpda)  # fmt: skip
     t0 = time.perf_counter()
     x, y = images.to(device), labels.to(device)
     run = engine.run([cell], x, y, ids=None if ids is None else ids.to(device), keep_adv=True)

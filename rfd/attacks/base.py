@@ -24,7 +24,7 @@ from rfd.rng import KeyedRNG
 
 NORMS = ("linf", "l2")
 CRITERIA = ("vote", "single", "none")
-KINDS = ("score", "decision")
+KINDS = ("score", "decision", "gradient")
 VOTES, MAJORITY = 9, 5  # the paper's Appendix D.4: re-query 9 times, adversarial iff >= 5 wrong
 _EPS_BY_SIZE = {224: (0.05, 5.0), 32: (0.05, 1.0), 28: (0.1, 2.0)}
 SNAP = 1e-6  # float rounding allowed when deciding that a point lies inside the ball
@@ -175,6 +175,9 @@ class View:
 class Reply:
     """The answers to one step's queries, (A, R) per image and query.
 
+    Gradient (white-box) attacks also read ``grad`` (A, R, C, H, W), the gradient of their loss
+    with respect to the query (the EOT mean over the defense's noise), and ``loss`` (A, R).
+
     ``x`` holds the queries as they were sent (projected onto the ball for score attacks,
     clipped to [0, 1] for decision attacks), (A, R, C, H, W). Score attacks read ``margin`` (``z_y - max_{i != y} z_i`` of the EOT-mean logits; negative
     means misclassified) or ``logits``; decision attacks only ``adversarial`` (the EOT-majority
@@ -185,6 +188,8 @@ class Reply:
     x: Tensor
     _margin: Tensor | None = None
     _logits: Tensor | None = None
+    _grad: Tensor | None = None
+    _loss: Tensor | None = None
 
     @property
     def margin(self) -> Tensor:
@@ -198,16 +203,32 @@ class Reply:
             raise AccessError("a decision-based attack may only see labels, not scores")
         return self._logits
 
+    @property
+    def grad(self) -> Tensor:
+        if self._grad is None:
+            raise AccessError("only gradient (white-box) attacks receive gradients")
+        return self._grad
+
+    @property
+    def loss(self) -> Tensor:
+        if self._loss is None:
+            raise AccessError("only gradient (white-box) attacks receive their loss")
+        return self._loss
+
     def rows(self, idx: Tensor) -> Reply:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Reply(self.adversarial[idx], self.x[idx], pick(self._margin), pick(self._logits))
+        return Reply(
+            self.adversarial[idx], self.x[idx], pick(self._margin), pick(self._logits),
+            pick(self._grad), pick(self._loss),
+        )  # fmt: skip
 
 
 class Attack:
     """A black-box attack: hyperparameters plus a per-image state machine; it never sees the model.
 
-    Subclasses declare ``name``, ``title`` (table column), ``kind`` (``"score"`` or
-    ``"decision"``), the ``norms`` they support, per-norm ``defaults`` (mirrored in
+    Subclasses declare ``name``, ``title`` (table column), ``kind`` (``"score"``,
+    ``"decision"`` or ``"gradient"``: white-box, each query also returns the gradient of the
+    attack's ``loss``, a key of :data:`rfd.gradients.LOSSES`), the ``norms`` they support, per-norm ``defaults`` (mirrored in
     ``configs/attack/<name>.yaml``) and implement:
 
     - ``init(view) -> state``: the per-image state (a dict of tensors with leading dim A);
@@ -228,6 +249,10 @@ class Attack:
     norms: ClassVar[tuple[str, ...]]
     defaults: ClassVar[dict[str, dict[str, Any]]]
     order: ClassVar[int] = 100  # position in ``ATTACKS`` (and so in "all" and in tables)
+    # Constrained attacks keep their queries in the eps-ball (the engine projects them); others
+    # (decision attacks, C&W L2) walk outside it and succeed only with a query inside.
+    constrained: ClassVar[bool] = True
+    loss: str = "margin"  # gradient attacks: the loss whose gradient each query returns
     min_queries: ClassVar[int] = 1  # fewest queries a step can send; an image stops below it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -237,6 +262,8 @@ class Attack:
                 raise ValueError(f"attack name {cls.name!r} registered twice")
             if cls.kind not in KINDS:
                 raise ValueError(f"attack {cls.name!r}: kind must be one of {KINDS}")
+            if cls.kind == "decision":
+                cls.constrained = False
             ATTACKS[cls.name] = cls
 
     def __init__(self, norm: str = "linf", **params: Any) -> None:
@@ -274,6 +301,10 @@ class Attack:
 
     def best(self, view: View, state: State) -> Tensor:
         return view.x0
+
+    def column(self, eot: int = 1) -> str | None:
+        """The table column of this attack, or None for "title + budget" (query attacks)."""
+        return None
 
     def key(self) -> tuple[Any, ...]:
         """Identity of the hyperparameters: attacks with equal keys can share one state batch."""

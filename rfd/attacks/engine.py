@@ -44,6 +44,7 @@ from rfd.attacks.base import (
 )
 from rfd.defenses.base import Defense
 from rfd.defenses.rows import RowForward
+from rfd.gradients import LOSSES
 from rfd.rng import KeyedRNG, derive, derive_rows, offset_rows
 
 _VOTE_SUB, _PROBE_SUB = 1000, 2000  # noise-key sub-indices of vote and probe rows
@@ -123,6 +124,9 @@ class _Lane:
             attack, eps, budget, eot, criterion,
         )  # fmt: skip
         self.kind = attack.kind
+        self.grad = attack.kind == "gradient"
+        self.constrained = attack.constrained
+        self.lossfn = LOSSES[attack.loss] if self.grad else None
         # attacks that keep Attack.queries send one query per step: no per-step checks needed
         self.single = type(attack).queries is Attack.queries
         self.state: State = {}
@@ -157,10 +161,12 @@ class _Lane:
 
 
 class _Executor:
-    """One base model with the defense plans of its cells (or one opaque model)."""
+    """One base model with the defense plans of its cells (or one opaque model); a gradient
+    executor runs the same model's forwards with a backward, for white-box queries."""
 
-    def __init__(self, fwd: RowForward, opaque: bool) -> None:
-        self.fwd, self.opaque = fwd, opaque
+    def __init__(self, fwd: RowForward, opaque: bool, grad: bool = False) -> None:
+        self.fwd, self.opaque, self.grad = fwd, opaque, grad
+        self.index = 0
         self.queue: deque[_Chunk] = deque()
 
     def queued_rows(self) -> int:
@@ -181,6 +187,9 @@ class _Chunk:
     extra: dict[str, Any] = field(default_factory=dict)
     sent: int = 0
     out: Tensor | None = None
+    grad: bool = False  # gradient queries: also the gradient of the lane's loss per row
+    grad_out: Tensor | None = None
+    loss_out: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -200,6 +209,9 @@ class Engine:
             attack states are in memory); more keeps the end of a large grid full.
         precision, channels_last, compile: forward settings (see :class:`RowForward`).
         progress: called after every forward with a :class:`Progress`.
+        bpda: gradient queries pass a defense's declared surrogate (the identity by default) in
+            place of its non-differentiable part (Athalye et al. 2018), instead of its own
+            (masked) gradient.
     """
 
     def __init__(
@@ -210,6 +222,7 @@ class Engine:
         channels_last: bool = False,
         compile: bool = False,
         progress: Callable[[Progress], None] | None = None,
+        bpda: bool = True,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -218,6 +231,7 @@ class Engine:
         self.batch_size, self.oversubscribe = batch_size, oversubscribe
         self.precision, self.channels_last, self.compile = precision, channels_last, compile
         self.progress = progress
+        self.bpda = bpda
 
     # ------------------------------------------------------------------------------ setup
     def run(
@@ -289,6 +303,8 @@ class EngineRun:
         self.job_label = self.labels[self.image]
         self.job_plan = self._cell_plan[self.cell]
         self.job_eot = self._cell_eot[self.cell]
+        self.job_grad = torch.tensor([self.lanes[int(li)].grad for li in self._cell_lane.tolist()],
+                                     dtype=torch.bool, device=self.device)[self.cell]  # fmt: skip
         self.job_inv_budget = 1.0 / self._cell_budget[self.cell].double()
         self.akey = derive_rows(self._cell_akey[self.cell], self.ids[self.image])
         self.dkey = derive_rows(self._cell_dkey[self.cell], self.ids[self.image])
@@ -319,11 +335,14 @@ class EngineRun:
                 self.lanes.append(_Lane(c.attack, c.eps, c.max_queries, c.eot, c.criterion))
             cell_lane.append(lanes[key])
             base = c.model.base if pluggable(c.model) else c.model
-            groups.setdefault(id(base), []).append(ci)
+            # a raw model and defenses over that same model are separate groups: only rows of
+            # rfd defenses can share a forward with per-row plans
+            groups.setdefault((id(base), pluggable(c.model)), []).append(ci)
             akeys.append(derive(c.seed, "attack"))
             dkeys.append(derive(c.model.noise_key(), "defense") if pluggable(c.model) else 0)
         self.executors: list[_Executor] = []
-        cell_exec, plan = [0] * len(self.cells), [0] * len(self.cells)
+        cell_exec, cell_gexec = [0] * len(self.cells), [-1] * len(self.cells)
+        plan = [0] * len(self.cells)
         e = self.engine
         for members in groups.values():
             first = self.cells[members[0]].model
@@ -341,9 +360,18 @@ class EngineRun:
             base = first.base if pluggable(first) else first
             fwd = RowForward(base, plans, e.precision, e.channels_last, e.compile)
             self.executors.append(_Executor(fwd, opaque=not pluggable(first)))
+            if any(self.lanes[cell_lane[ci]].grad for ci in members):
+                # gradient queries run in forwards of their own (with a backward), through the
+                # same per-row defense plans
+                for ci in members:
+                    cell_gexec[ci] = len(self.executors)
+                self.executors.append(_Executor(fwd, opaque=not pluggable(first), grad=True))
         dev = self.device
         t = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
         self._cell_lane, self._cell_exec, self._cell_plan = t(cell_lane), t(cell_exec), t(plan)
+        self._cell_gexec = t(cell_gexec)
+        for xi, ex in enumerate(self.executors):
+            ex.index = xi
         self._cell_akey, self._cell_dkey = t(akeys), t(dkeys)
         self._cell_budget = t([c.max_queries for c in self.cells])
         self._cell_eot = t([c.eot for c in self.cells])
@@ -412,10 +440,11 @@ class EngineRun:
                extra: dict[str, Any]) -> _Chunk:  # fmt: skip
         return _Chunk(kind, lane, g, x, self.job_plan[gi], keys, self.cell[gi], extra)
 
-    def _executor(self, g: Tensor) -> _Executor:
+    def _executor(self, g: Tensor, grad: bool = False) -> _Executor:
         if len(self.executors) == 1:
             return self.executors[0]
-        return self.executors[int(self._cell_exec[self.cell[g[0]]])]
+        table = self._cell_gexec if grad else self._cell_exec
+        return self.executors[int(table[self.cell[g[0]]])]
 
     # ------------------------------------------------------------------------------ jobs
     def _admit(self) -> bool:
@@ -478,7 +507,7 @@ class EngineRun:
 
     def _enqueue(self, ch: _Chunk) -> None:
         self.busy[ch.jobs] = True
-        self._executor(ch.jobs).queue.append(ch)
+        self._executor(ch.jobs, ch.grad).queue.append(ch)
 
     # ------------------------------------------------------------------------------ chunks
     def _clean_chunk(self, lane: _Lane, g: Tensor) -> _Chunk:
@@ -522,9 +551,9 @@ class EngineRun:
             )
         if n is None and r != 1:
             raise BudgetError(f"attack {lane.attack.name!r} proposed {r} queries, planned 1")
-        if lane.kind == "score":
+        if lane.constrained:
             q, inside = view.project(q), None
-        else:  # decision attacks walk in from outside the ball: only a point inside can succeed
+        else:  # decision attacks and C&W L2 walk outside the ball: only a point inside succeeds
             q = q.clamp(0.0, 1.0)
             inside = view.inside(q)
         # each query's number (the image's queries so far) and EOT sample key its noise, so a
@@ -544,7 +573,11 @@ class EngineRun:
         sub = torch.arange(m, device=self.device).repeat(gi.shape[0] // m) if m > 1 else 0
         keys = self._noise_keys(gi, qnum, sub)
         extra = {"view": view, "q": q, "n": n, "valid": valid, "inside": inside, "state": state}
-        return self._chunk("step", lane, g, flat, gi, keys, extra)
+        ch = self._chunk("step", lane, g, flat, gi, keys, extra)
+        if lane.grad:
+            ch.grad = True
+            ch.extra["labels"] = self.job_label[gi]
+        return ch
 
     # ------------------------------------------------------------------------------ processing
     def _process(self, ch: _Chunk) -> None:
@@ -616,12 +649,23 @@ class EngineRun:
         used_before = self.used[g]
         self.used.index_add_(0, g, torch.full_like(g, m) if n is None else n * m)
         self.steps.index_add_(0, g, torch.ones_like(g))
-        if lane.kind == "score":
+        if lane.kind == "decision":
+            reply = Reply(adversarial, q)
+        else:
             yy = y.view(a, 1, 1).expand(a, r, 1)
             zy = zf.gather(-1, yy).squeeze(-1)
-            reply = Reply(adversarial, q, zy - zf.scatter(-1, yy, float("-inf")).amax(-1), zf)
-        else:
-            reply = Reply(adversarial, q)
+            margin = zy - zf.scatter(-1, yy, float("-inf")).amax(-1)
+            reply = Reply(adversarial, q, margin, zf)
+            if lane.grad:  # EOT: the mean gradient and loss over the M noise draws
+                grad = ch.grad_out.view(-1, m, *ch.grad_out.shape[1:]).mean(1)
+                loss = ch.loss_out.view(-1, m).mean(1)
+                if valid is None:
+                    reply._grad, reply._loss = grad.view(a, 1, *grad.shape[1:]), loss.view(a, 1)
+                else:
+                    reply._grad = grad.new_zeros((a, r, *grad.shape[1:]))
+                    reply._grad[valid] = grad
+                    reply._loss = loss.new_zeros((a, r))
+                    reply._loss[valid] = loss
         hit = fooled.any(1)
         if not bool(hit.any()):
             self._observe(lane, g, view, reply, ch.extra["state"])
@@ -665,7 +709,10 @@ class EngineRun:
         returns how many rows are still missing when every idle job has been given its step."""
         idle = self.live & ~self.busy
         if len(self.executors) > 1:
-            idle &= self._cell_exec[self.cell] == xi
+            ex = self.executors[xi]
+            idle &= (self._cell_gexec if ex.grad else self._cell_exec)[self.cell] == xi
+            # a gradient lane's steps go to its gradient executor, its clean query to the other
+            idle &= (self.job_grad & (self.phase == RUN)) == ex.grad
         g = idle.nonzero()[:, 0]
         if g.numel() == 0:
             return need
@@ -724,17 +771,30 @@ class EngineRun:
             x, plan, keys = x.expand(2, *x.shape[1:]), plan.expand(2), keys.expand(2)
             self.padded += 1
         t0 = time.perf_counter()
-        out = ex.fwd(x, plan, keys)[:rows]
+        if ex.grad:
+            out, grad, loss = self._grad_forward(ex, x, plan, keys, rows, pieces)
+        else:
+            out = ex.fwd(x, plan, keys)[:rows]
         self.forward_seconds += time.perf_counter() - t0
         off = 0
         for ch, a, b in pieces:
             part = out[off : off + b - a]
-            if (a, b) == (0, ch.rows):  # the whole chunk in one forward: no copy
+            whole = (a, b) == (0, ch.rows)  # the whole chunk in one forward: no copy
+            if whole:
                 ch.out = part
             else:
                 if ch.out is None:
                     ch.out = out.new_empty((ch.rows, out.shape[1]))
                 ch.out[a:b] = part
+            if ex.grad:
+                if whole:
+                    ch.grad_out, ch.loss_out = grad[off : off + b - a], loss[off : off + b - a]
+                else:
+                    if ch.grad_out is None:
+                        ch.grad_out = grad.new_empty((ch.rows, *grad.shape[1:]))
+                        ch.loss_out = loss.new_empty((ch.rows,))
+                    ch.grad_out[a:b] = grad[off : off + b - a]
+                    ch.loss_out[a:b] = loss[off : off + b - a]
             off += b - a
             ch.sent = b
         while ex.queue and ex.queue[0].sent == ex.queue[0].rows:
@@ -746,6 +806,25 @@ class EngineRun:
         self.rows_total += rows
         self.fill_total += rows / c
         return torch.bincount(cells, minlength=len(self.cells))
+
+    def _grad_forward(self, ex: _Executor, x: Tensor, plan: Tensor, keys: Tensor, rows: int,
+                      pieces: list[tuple[_Chunk, int, int]]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Logits, the gradient of each row's lane loss with respect to its input, and the loss:
+        one forward and one backward for the whole batch (rows do not interact in eval mode,
+        so the gradient of the summed loss is each row's own)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            # plain copies: autograd may not save tensors made in inference mode (the engine's)
+            xg = x.detach().clone().requires_grad_(True)
+            z = ex.fwd(xg, plan.clone(), keys.clone(), bpda=self.engine.bpda)[:rows]
+            parts, off = [], 0
+            for ch, a, b in pieces:
+                fn = ch.lane.lossfn
+                assert fn is not None
+                parts.append(fn(z[off : off + b - a], ch.extra["labels"][a:b].clone()))
+                off += b - a
+            loss = torch.cat(parts)
+            (grad,) = torch.autograd.grad(loss.sum(), xg)
+        return z.detach(), grad[:rows], loss.detach()
 
     def loop(self, on_done: Callable[[EngineRun, Tensor], None] | None) -> None:
         total = self.cell.shape[0]

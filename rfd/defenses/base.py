@@ -95,6 +95,9 @@ class Defense(nn.Module):
     layered: ClassVar[bool] = False
     order: ClassVar[int] = 100
     row_ops: ClassVar[frozenset[str]] = frozenset()
+    # False: row_input is non-differentiable or masks gradients (e.g. JPEG's rounding); with BPDA
+    # gradient attacks see the gradient of ``surrogate`` in its place (Athalye et al. 2018)
+    differentiable: ClassVar[bool] = True
     nu: Any = 0.0  # deterministic defenses; noise defenses override it with a checked property
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -164,6 +167,10 @@ class Defense(nn.Module):
     # -- the defense per row -----------------------------------------------------------------
     def row_input(self, x: Tensor, rng: KeyedRNG) -> Tensor:
         """Transform input rows (each row's draws from ``rng``, keyed per row)."""
+        return x
+
+    def surrogate(self, x: Tensor) -> Tensor:
+        """The differentiable stand-in for ``row_input`` under BPDA (default: the identity)."""
         return x
 
     def row_noise(self) -> list[Any]:

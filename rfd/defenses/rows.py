@@ -157,12 +157,14 @@ class RowForward:
             cache[p] = None if len(self.plans) == 1 else (plan == p).nonzero()[:, 0]
         return cache[p]
 
-    def __call__(self, x: Tensor, plan: Tensor, keys: Tensor) -> Tensor:
-        """Logits (rows, K) in fp32 for rows ``x`` under plans ``plan`` (rows,) and noise keys
-        ``keys`` (rows,) int64."""
+    def __call__(self, x: Tensor, plan: Tensor, keys: Tensor, bpda: bool = False) -> Tensor:
+        """Logits (rows, K) for rows ``x`` under plans ``plan`` (rows,) and noise keys ``keys``
+        (rows,) int64. With ``bpda``, a plan that declares its input transform non-differentiable
+        (``differentiable = False``) is applied straight-through: its value forward, the
+        gradient of its ``surrogate`` (the identity by default) backward."""
         if not self._entered:
             with self:
-                return self(x, plan, keys)
+                return self(x, plan, keys, bpda)
         self._call = (plan, keys, {})
         try:
             if self.inputs:
@@ -170,10 +172,10 @@ class RowForward:
                 for p in self.inputs:
                     idx = self.rows_of(p)
                     if idx is None:
-                        x = self.plans[p].row_input(x, KeyedRNG(keys).stream("input"))
+                        x = self._input(p, x, KeyedRNG(keys).stream("input"), bpda)
                     elif idx.numel():
                         rng = KeyedRNG(keys[idx]).stream("input")
-                        x[idx] = self.plans[p].row_input(x[idx], rng)
+                        x[idx] = self._input(p, x[idx], rng, bpda)
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with precision_context(self.precision, x.device):
@@ -189,6 +191,14 @@ class RowForward:
             return z
         finally:
             self._call = None
+
+    def _input(self, p: int, x: Tensor, rng: KeyedRNG, bpda: bool) -> Tensor:
+        plan = self.plans[p]
+        out = plan.row_input(x, rng)
+        if bpda and not getattr(plan, "differentiable", True) and torch.is_grad_enabled():
+            sur = plan.surrogate(x)  # BPDA: the transform's value, the surrogate's gradient
+            return sur + (out - sur).detach()
+        return out
 
     def _hook(self, layer: str, module: nn.Module, args: Any, out: Any) -> Tensor | None:
         if self._call is None:  # a forward of the base model outside this executor: untouched
