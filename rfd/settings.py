@@ -281,20 +281,32 @@ def list_of(check: Check) -> Check:
     return _checker(many, f"list of {check.__name__}", getattr(check, "options", None))
 
 
+class Names(list):
+    """A list of registry names that remembers which ones came from ``all`` (``implied``): a
+    cross-field check may drop those (an attack without the chosen norm) but must refuse a name
+    the user wrote."""
+
+    implied: frozenset[str] = frozenset()
+
+
 def registry_names(kind: str, registry: Callable[[], Mapping[str, Any]]) -> Check:
     """Names from a registry (one, several or ``all``, which expands in registry order)."""
 
     def check(v: Any) -> list[str]:
         known = list(registry())
-        out: list[str] = []
+        out = Names()
+        written = set()
         for item in items(v):
             for name in known if item == "all" else [item]:
                 if name not in known:
                     raise BadValue(
                         f"unknown {kind} {name!r}; valid {kind}s: {', '.join(known)}, all"
                     )
+                if item != "all":
+                    written.add(name)
                 if name not in out:
                     out.append(name)
+        out.implied = frozenset(out) - written
         return out
 
     return _checker(check, f"{kind} names", lambda: [*registry(), "all"])
@@ -609,6 +621,10 @@ def _check_together(s: EvalSettings, where: dict[str, str]) -> None:
     def at(key: str) -> str:
         return f" ({where.get(key, 'default')})"
 
+    implied = getattr(s.attack, "implied", frozenset())
+    if implied:  # "all" means every attack that supports the chosen norm
+        s.attack = Names(a for a in s.attack if a not in implied or s.norm in ATTACKS[a].norms)
+        s.attack.implied = implied
     for a in s.attack:
         if s.norm not in ATTACKS[a].norms:
             raise UsageError(

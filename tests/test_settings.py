@@ -71,6 +71,7 @@ BAD_YAML = {
     "precision": ["fp16", "16", "[bf16]"],
     "channels_last": ["2"],
     "compile": ["x"],
+    "bpda": ["2", "maybe"],
     "run_dir": ["3", "[a]"],
     "wandb": ["x", "true"],
     "accelerator": ["quantum"],
@@ -139,9 +140,9 @@ def test_messages_say_what_is_allowed(tmp_path, capsys):
     def err(*argv: str) -> str:
         return _one_error(capsys, ["--eval-config", str(_yaml(tmp_path, "")), *argv])
 
-    assert "unknown defense 'magic'; valid defenses: none, input, feature, aaa, all" in err(
-        "--defense", "magic"
-    )
+    valid = ", ".join([*DEFENSES, "all"])
+    assert "none, input, feature, aaa, " in valid
+    assert f"unknown defense 'magic'; valid defenses: {valid}" in err("--defense", "magic")
     assert "eps must be > 0" in err("--eps", "0")
     assert "finite" in err("--eps", "nan")
     assert "must be one of linf, l2" in err("--norm", "l3")
@@ -209,9 +210,18 @@ def test_scalars_and_comma_strings_are_lists_where_lists_belong(tmp_path):
 
 def test_all_expands_to_the_registries_in_order(tmp_path):
     s = _load(tmp_path, "defense: all\n", "--attack", "all")
-    assert s.defense == list(DEFENSES) and s.attack == list(ATTACKS)
+    linf = [a for a, c in ATTACKS.items() if "linf" in c.norms]
+    assert s.defense == list(DEFENSES) and s.attack == linf  # "all" = all that take the norm
+    assert "cw_l2" not in linf and len(linf) < len(ATTACKS)
+    l2 = _load(tmp_path, "", "--attack", "all", "--norm", "l2").attack
+    assert l2 == [a for a, c in ATTACKS.items() if "l2" in c.norms] and "cw_l2" in l2
     assert _load(tmp_path, "", "--attack", "nes,all").attack[0] == "nes"  # no duplicates
-    assert len(_load(tmp_path, "", "--attack", "nes,all").attack) == len(ATTACKS)
+    assert len(_load(tmp_path, "", "--attack", "nes,all").attack) == len(linf)
+
+
+def test_a_written_attack_without_the_norm_is_still_refused(tmp_path, capsys):
+    err = _one_error(capsys, ["--attack", "cw_l2,all"])
+    assert "attack 'cw_l2' does not support norm 'linf'" in err
 
 
 def test_flags_override_the_file(tmp_path):
