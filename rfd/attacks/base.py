@@ -302,6 +302,17 @@ class Attack:
     def best(self, view: View, state: State) -> Tensor:
         return view.x0
 
+    def incumbent(self, view: View, state: State) -> Tensor | None:
+        """The margin loss (A,) of the point this attack currently keeps, or None if it keeps none.
+
+        Random-search and greedy attacks (Square, SimBA, Parsimonious, ...) accept a candidate
+        only when it lowers this stored loss. Under ``success="improved"`` (the published code's
+        rule) the engine counts a fooling query only if its margin is below this value, read
+        before ``observe``; attacks returning None (gradient estimators, decision attacks) are
+        judged by ``success="any"`` either way.
+        """
+        return None
+
     def column(self, eot: int = 1) -> str | None:
         """The table column of this attack, or None for "title + budget" (query attacks)."""
         return None

@@ -124,6 +124,9 @@ class SquareAttack(Attack):
     def best(self, view: View, state: State) -> Tensor:
         return state["x"]
 
+    def incumbent(self, view: View, state: State) -> Tensor:
+        return state["loss"]
+
     def _iteration(self, view: View) -> tuple[Tensor, int]:
         # step 0 queried the initialization; candidate iterations count from step 1
         return (view.step - 1).clamp(min=0), max(view.total - 1, 1)
