@@ -51,6 +51,7 @@ class GridCell:
     seed: int
     records_dir: Path | None = None
     done: set[int] = field(default_factory=set)
+    success: str = "any"
 
 
 def read_cell(records_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -172,7 +173,10 @@ class GridEvaluation(L.LightningModule):
         ]
         if jobs:
             cells = [
-                Cell(c.model, c.attack, c.eps, c.max_queries, c.criterion, c.eot, c.seed, c.name)
+                Cell(
+                    c.model, c.attack, c.eps, c.max_queries, c.criterion, c.eot, c.seed, c.name,
+                    c.success,
+                )  # fmt: skip
                 for c in self.cells
             ]
             engine = Engine(

@@ -214,6 +214,21 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
+def caption(summaries: Sequence[dict[str, Any]]) -> str:
+    """What the numbers of a table mean: the images, the threat model and the two counting rules
+    (criterion and success rule), which move robust accuracy by several points (README)."""
+
+    def values(key: str, fmt: Any = str) -> str:
+        seen = dict.fromkeys(fmt(s[key]) for s in summaries if s.get(key) is not None)
+        return "/".join(seen) or "?"
+
+    return (
+        f"robust accuracy (%), {values('n_images')} images, {values('norm')} eps "
+        f"{values('eps', lambda e: f'{e:g}')}, criterion {values('criterion')}, success "
+        f"{values('success_rule')}"
+    )
+
+
 def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> dict[str, Path]:
     """results.json (everything), results.csv (one row per cell and budget), table.md.
 
@@ -227,7 +242,8 @@ def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> d
     }
     paths["json"].write_text(json.dumps(list(summaries), indent=2, default=float))
     fields = [
-        "model", "defense", "attack", "norm", "eps", "criterion", "eot", "budget", "n_images",
+        "model", "defense", "attack", "norm", "eps", "criterion", "success_rule", "eot", "budget",
+        "n_images",
         "clean_acc", "defended_clean_acc", "robust_acc", "failure_rate", "mean_queries_success",
         "median_queries_success", "verify_queries", "batch_fill", "queries_per_second", "nu",
         "layers",
@@ -239,7 +255,7 @@ def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> d
             for b, acc in s["robust_acc_at"].items():
                 w.writerow({**s, "budget": int(b), "robust_acc": acc})
     header, rows = paper_table(summaries, with_paper=any(s.get("paper") for s in summaries))
-    paths["markdown"].write_text(markdown(header, rows))
+    paths["markdown"].write_text(f"{caption(summaries)}\n\n{markdown(header, rows)}")
     return paths
 
 

@@ -112,6 +112,7 @@ class _ModelGrid:
                     name=folder.name, defense=d, attack_name=a, model=defenses[d],
                     attack=self.attacks[a], eps=self.eps, max_queries=max(s.queries),
                     criterion=s.criterion, eot=s.eot, seed=s.seed, records_dir=folder, done=done,
+                    success=s.success,
                 ))  # fmt: skip
         return cells
 
@@ -267,7 +268,8 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
             summary = summarize(records, s.queries, stats)
             summary.update(
                 model=display, defense=cell.defense, attack=cell.attack_name, norm=s.norm,
-                eps=eps, criterion=s.criterion, eot=s.eot, max_queries=budget, paper=s.paper,
+                eps=eps, criterion=s.criterion, success_rule=s.success, eot=s.eot,
+                max_queries=budget, paper=s.paper,
                 nu=grid.nus.get(cell.defense), layers=s.layers if cal or cell.defense == "feature" else None,
                 calibration=({"target_drop": cal.target_drop, "drop": cal.drop,
                               "drop_std": cal.drop_std, "clean_acc": cal.clean_acc} if cal else None),
@@ -288,9 +290,7 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
         report.plot_clean_vs_nu(calib_curves, run_dir / "clean_vs_nu.png") if calib_curves else None
     )
     header, rows = report.paper_table(summaries, with_paper=s.paper)
-    report.print_table(
-        header, rows, title=f"robust accuracy (%), {s.n_images} images, criterion {s.criterion}"
-    )
+    report.print_table(header, rows, title=report.caption(summaries))
     print("\n".join(report.details_lines(summaries)))
     if logger is not None:
         logger.log_table("results", columns=header, data=rows)

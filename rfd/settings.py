@@ -391,6 +391,12 @@ def _criteria() -> Sequence[str]:
     return CRITERIA
 
 
+def _success_rules() -> Sequence[str]:
+    from rfd.attacks import SUCCESS_RULES
+
+    return SUCCESS_RULES
+
+
 def _precisions() -> Sequence[str]:
     from rfd.defenses import PRECISIONS
 
@@ -455,6 +461,11 @@ class EvalSettings:
     )  # fmt: skip
     eot: int = _setting(1, integer(1), "EOT samples per query (each charged)")
     criterion: str = _setting("vote", choice(_criteria), "success criterion: {choices}")
+    success: str = _setting(
+        "any", choice(_success_rules),
+        "which fooling queries count: {choices} (improved: only those that also lower the "
+        "attack's incumbent loss, the paper code's rule)",
+    )  # fmt: skip
     nu: float | None = _setting(
         None, optional(number(ge=0)), "noise std (skips calibration; clears --target-drop)"
     )

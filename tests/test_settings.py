@@ -60,6 +60,7 @@ BAD_YAML = {
     "eps": ["0", "-0.1", ".nan", ".inf", "[0.1]", "abc"],
     "eot": ["0"],
     "criterion": ["majority"],
+    "success": ["all", "true"],
     "nu": ["-1", ".nan", "[0.1]"],
     "target_drop": ["0", "1", "1.5", ".nan"],
     "layers": ["''", "['']", "3", "[]"],

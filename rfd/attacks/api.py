@@ -8,7 +8,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rfd.attacks.base import ATTACKS, CRITERIA, NORMS, Attack, AttackResult, default_eps
+from rfd.attacks.base import (
+    ATTACKS,
+    CRITERIA,
+    NORMS,
+    SUCCESS_RULES,
+    Attack,
+    AttackResult,
+    default_eps,
+)
 from rfd.attacks.engine import Cell, Engine
 from rfd.defenses.rows import PRECISIONS
 
@@ -60,6 +68,7 @@ def attack(
     channels_last: bool = False,
     compile: bool = False,
     bpda: bool = True,
+    success: str = "any",
     **attack_kwargs: Any,
 ) -> AttackResult:
     """Attack a (possibly randomized) classifier through the engine, all images at once.
@@ -93,6 +102,10 @@ def attack(
         bpda: white-box attacks pass the surrogate (the identity) of a defense's declared
             non-differentiable part (JPEG) in its place (Athalye et al. 2018); ``False``
             differentiates through the defense as implemented (and meets its masked gradient).
+        success: which fooling queries count. ``"any"``: every one the criterion confirms (the
+            stricter evaluation). ``"improved"``: only one that also lowers the attack's incumbent
+            loss, the rule of the paper's public code for random-search and greedy attacks
+            (Square, SimBA, Parsimonious); attacks without an incumbent are unaffected.
         **attack_kwargs: hyperparameters overriding the attack's defaults (see ``ATTACKS``).
 
     Returns:
@@ -104,6 +117,8 @@ def attack(
     atk = make_attack(attack, norm, **attack_kwargs)
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {', '.join(CRITERIA)}")
+    if success not in SUCCESS_RULES:
+        raise ValueError(f"unknown success rule {success!r}; valid: {', '.join(SUCCESS_RULES)}")
     if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
         raise ValueError(f"eot must be an integer >= 1, got {eot!r}")
     if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < eot:
@@ -132,7 +147,7 @@ def attack(
 
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else images.device
-    cell = Cell(model, atk, float(eps), max_queries, criterion, eot, seed, attack)
+    cell = Cell(model, atk, float(eps), max_queries, criterion, eot, seed, attack, success)
     engine = Engine(max_batch, precision=precision, channels_last=channels_last, compile=compile,
                     bpda=bpda)  # fmt: skip
     t0 = time.perf_counter()
@@ -160,6 +175,7 @@ def attack(
         criterion=criterion,
         eot=eot,
         seed=seed,
+        success_rule=success,
         randomized=run.stats[0].randomized,
         seconds=seconds,
         params=dict(atk.params),

@@ -24,6 +24,9 @@ from rfd.rng import KeyedRNG
 
 NORMS = ("linf", "l2")
 CRITERIA = ("vote", "single", "none")
+# which fooling queries count: every one the criterion confirms, or (the published code's rule for
+# random-search and greedy attacks) only those that also lower the attack's incumbent loss
+SUCCESS_RULES = ("any", "improved")
 KINDS = ("score", "decision", "gradient")
 VOTES, MAJORITY = 9, 5  # the paper's Appendix D.4: re-query 9 times, adversarial iff >= 5 wrong
 _EPS_BY_SIZE = {224: (0.05, 5.0), 32: (0.05, 1.0), 28: (0.1, 2.0)}
@@ -351,6 +354,7 @@ class AttackResult:
     criterion: str = "vote"
     eot: int = 1
     seed: int = 0
+    success_rule: str = "any"
     randomized: bool = False
     seconds: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
@@ -391,7 +395,7 @@ class AttackResult:
         settings = {
             "attack": self.attack, "norm": self.norm, "eps": self.eps,
             "max_queries": self.max_queries, "criterion": self.criterion, "eot": self.eot,
-            "seed": self.seed, "randomized": self.randomized, "params": dict(self.params),
+            "success_rule": self.success_rule, "seed": self.seed, "randomized": self.randomized, "params": dict(self.params),
             "wall_seconds": self.seconds,
         }  # fmt: skip
         stats = self.stats or None

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from rfd.attacks.base import (
     CRITERIA,
     MAJORITY,
+    SUCCESS_RULES,
     VOTES,
     Attack,
     BudgetError,
@@ -64,6 +65,9 @@ class Cell:
         eps, max_queries, criterion, eot: the threat model and the rules (see ``rfd.attack``).
         seed: the attacker's seed.
         name: a label for progress and reports.
+        success: ``"any"`` (every fooling query the criterion confirms counts) or
+            ``"improved"`` (only those that also lower the attack's incumbent loss, the published
+            code's rule; see :meth:`Attack.incumbent`).
     """
 
     model: nn.Module
@@ -74,10 +78,15 @@ class Cell:
     eot: int = 1
     seed: int = 0
     name: str = ""
+    success: str = "any"
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}; valid: {', '.join(CRITERIA)}")
+        if self.success not in SUCCESS_RULES:
+            raise ValueError(
+                f"unknown success rule {self.success!r}; valid: {', '.join(SUCCESS_RULES)}"
+            )
         if self.eot < 1 or self.max_queries < self.eot:
             raise ValueError(
                 f"need eot >= 1 and max_queries >= eot, got {self.eot}, {self.max_queries}"
@@ -119,10 +128,14 @@ class Progress:
 class _Lane:
     """Live jobs sharing one attack configuration: their states are batched in slots."""
 
-    def __init__(self, attack: Attack, eps: float, budget: int, eot: int, criterion: str) -> None:
+    def __init__(
+        self, attack: Attack, eps: float, budget: int, eot: int, criterion: str, success: str
+    ) -> None:
         self.attack, self.eps, self.budget, self.eot, self.criterion = (
             attack, eps, budget, eot, criterion,
         )  # fmt: skip
+        # "improved" only changes anything for attacks that keep an incumbent (score attacks)
+        self.improved = success == "improved" and attack.kind == "score"
         self.kind = attack.kind
         self.grad = attack.kind == "gradient"
         self.constrained = attack.constrained
@@ -329,10 +342,12 @@ class EngineRun:
         groups: dict[int, list[int]] = {}
         cell_lane, akeys, dkeys = [], [], []
         for ci, c in enumerate(self.cells):
-            key = (id(c.attack), c.eps, c.max_queries, c.eot, c.criterion)
+            key = (id(c.attack), c.eps, c.max_queries, c.eot, c.criterion, c.success)
             if key not in lanes:
                 lanes[key] = len(self.lanes)
-                self.lanes.append(_Lane(c.attack, c.eps, c.max_queries, c.eot, c.criterion))
+                self.lanes.append(
+                    _Lane(c.attack, c.eps, c.max_queries, c.eot, c.criterion, c.success)
+                )
             cell_lane.append(lanes[key])
             base = c.model.base if pluggable(c.model) else c.model
             # a raw model and defenses over that same model are separate groups: only rows of
@@ -666,6 +681,10 @@ class EngineRun:
                     reply._grad[valid] = grad
                     reply._loss = loss.new_zeros((a, r))
                     reply._loss[valid] = loss
+        if lane.improved and bool(fooled.any()):
+            incumbent = lane.attack.incumbent(view, ch.extra["state"])
+            if incumbent is not None:  # the published rule: only a query that is also accepted
+                fooled = fooled & (reply.margin < incumbent.unsqueeze(1))
         hit = fooled.any(1)
         if not bool(hit.any()):
             self._observe(lane, g, view, reply, ch.extra["state"])

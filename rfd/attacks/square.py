@@ -11,6 +11,12 @@ count, its own windows and signs), so images can be stepped in any grouping. The
 draws Linf windows per image but shares L2 windows across the batch; here both are per image,
 which makes an image's attack independent of the batch it runs in.
 
+Against a randomized model the stored loss of the kept point is the lowest of the noisy answers it
+got, biased low by lucky draws, so later candidates must beat a value the point itself would not
+reproduce and the search can freeze. ``refresh_every=k`` (not in the paper; 0 = off, the original)
+spends every k-th query re-querying the kept point and stores that fresh answer instead: the
+adaptive counter to noise defenses. Refresh queries are charged like any other.
+
 Linf iterates are vertices of the box ``[x - eps, x + eps] ∩ [0, 1]``: the state keeps the
 point, and its sign pattern is read back exactly as ``x == upper``.
 """
@@ -85,7 +91,8 @@ class SquareAttack(Attack):
     """Square Attack (Andriushchenko et al., ECCV 2020), score-based random search.
 
     Hyperparameters: ``p_init``, the initial fraction of pixels changed per window (the paper's
-    appendix: 0.05 Linf, 0.1 L2).
+    appendix: 0.05 Linf, 0.1 L2); ``refresh_every``: re-query the kept point every k-th step
+    (0: never, the original).
     """
 
     name = "square"
@@ -93,12 +100,20 @@ class SquareAttack(Attack):
     order = 10
     kind = "score"
     norms = ("linf", "l2")
-    defaults: dict[str, dict[str, Any]] = {"linf": {"p_init": 0.05}, "l2": {"p_init": 0.1}}
+    defaults: dict[str, dict[str, Any]] = {
+        "linf": {"p_init": 0.05, "refresh_every": 0},
+        "l2": {"p_init": 0.1, "refresh_every": 0},
+    }
 
-    def __init__(self, norm: str = "linf", p_init: float | None = None) -> None:
-        super().__init__(norm, p_init=p_init)
+    def __init__(
+        self, norm: str = "linf", p_init: float | None = None, refresh_every: int | None = None
+    ) -> None:
+        super().__init__(norm, p_init=p_init, refresh_every=refresh_every)
         if not 0 < self.p_init <= 1:
             raise ValueError(f"square p_init must be in (0, 1], got {self.p_init}")
+        k = self.refresh_every
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
+            raise ValueError(f"square refresh_every must be 0 (off) or an integer >= 2, got {k!r}")
 
     # The first step queries the initialization; every later step one candidate. ``loss`` is +inf
     # until the initialization has been answered.
@@ -108,6 +123,9 @@ class SquareAttack(Attack):
 
     def propose(self, view: View, state: State) -> Tensor:
         x, first = state["x"], state["loss"] == float("inf")
+        if self.refresh_every:  # every k-th step re-queries the kept point (scratch for observe)
+            state["refresh"] = ~first & (view.step % self.refresh_every == 0)
+            first = first | state["refresh"]
         if bool(first.all()):
             return x
         cand = self._step_linf(view, x) if self.norm == "linf" else self._step_l2(view, x)
@@ -116,10 +134,10 @@ class SquareAttack(Attack):
     def observe(self, view: View, state: State, reply: Reply) -> State:
         margin = reply.margin[:, 0]
         better = margin < state["loss"]  # strict: the original accepts only a decrease
-        return {
-            "x": select(better, reply.x[:, 0], state["x"]),
-            "loss": torch.minimum(margin, state["loss"]),
-        }
+        loss = torch.minimum(margin, state["loss"])
+        if "refresh" in state:  # a re-queried kept point: its fresh answer replaces the stored one
+            loss = torch.where(state["refresh"], margin, loss)
+        return {"x": select(better, reply.x[:, 0], state["x"]), "loss": loss}
 
     def best(self, view: View, state: State) -> Tensor:
         return state["x"]
