@@ -32,7 +32,10 @@ from rfd.attacks import (
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "attack"
 CASES = [(a, n) for a, cls in ATTACKS.items() for n in cls.norms]
 # SignHunter, RayS, FGSM and C&W-L2 use no randomness; PGD, C&W and APGD start at random points
-RANDOMIZED_ATTACKS = ("square", "nes", "signflip", "pgd", "cw", "apgd")
+RANDOMIZED_ATTACKS = (
+    "square", "nes", "signflip", "pgd", "cw", "apgd", "bandits", "zo_signsgd", "simba",
+    "parsimonious", "hsja", "signopt", "geoda",
+)  # fmt: skip
 PROPS = settings(
     max_examples=5,
     deadline=None,
@@ -446,7 +449,7 @@ def test_eps_none_uses_the_data_default(tiny):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(attack="boundary"), "square, nes, signhunter, rays, signflip, fgsm, pgd"),
+        (dict(attack="boundary"), re.escape(", ".join(ATTACKS))),
         (dict(attack="rays", norm="l2"), "supported: linf"),
         (dict(norm="l1"), "linf, l2"),
         (dict(eps=0.0), "eps"),
