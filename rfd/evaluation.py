@@ -174,9 +174,16 @@ class GridEvaluation(L.LightningModule):
         if jobs:
             cells = [
                 Cell(
-                    c.model, c.attack, c.eps, c.max_queries, c.criterion, c.eot, c.seed, c.name,
-                    c.success,
-                )  # fmt: skip
+                    c.model,
+                    c.attack,
+                    c.eps,
+                    c.max_queries,
+                    c.criterion,
+                    c.eot,
+                    c.seed,
+                    name=c.name,
+                    success=c.success,
+                )
                 for c in self.cells
             ]
             engine = Engine(
