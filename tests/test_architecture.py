@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "rfd.models": 0,
     "rfd.data": 0,
     "rfd.rng": 0,
+    "rfd.dct": 0,
     "rfd.paper": 0,
     "rfd.gradients": 1,
     "rfd.classifier": 1,

@@ -37,13 +37,13 @@ Differences from the authors' code (thisisalirah/GeoDA), all deliberate:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from rfd.attacks.base import Attack, Reply, State, View, select
+from rfd.dct import dct_matrix
 
 RAND, BIN, EST, WALK = range(4)
 RESERVE = 25  # queries per iteration the published schedule keeps for the boundary searches
@@ -77,14 +77,9 @@ def schedule(total: int, mu: float) -> tuple[int, ...]:
     return tuple(q)
 
 
-@functools.lru_cache(maxsize=16)
 def dct_basis(n: int, k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """The first ``k`` rows of the orthonormal DCT-II matrix of size ``n`` (k, n)."""
-    i = torch.arange(n, dtype=torch.float64)
-    f = torch.arange(k, dtype=torch.float64).unsqueeze(1)
-    m = torch.cos(math.pi * (2 * i + 1) * f / (2 * n)) * math.sqrt(2.0 / n)
-    m[0] /= math.sqrt(2.0)
-    return m.to(device=device, dtype=dtype)
+    return dct_matrix(n)[:k].to(device=device, dtype=dtype)
 
 
 class GeoDA(Attack):

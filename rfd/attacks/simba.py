@@ -41,7 +41,6 @@ Differences from the published code, and why:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -49,34 +48,10 @@ import torch
 from torch import Tensor
 
 from rfd.attacks.base import Attack, Reply, State, View, select
+from rfd.dct import dct_matrix
 
 START, MINUS, PLUS = 0, 1, 2
 BASES = ("pixel", "dct")
-
-
-@functools.lru_cache(maxsize=16)
-def dct_matrix(n: int) -> Tensor:
-    """The orthonormal DCT-II matrix (n, n): ``D @ v`` is the DCT of ``v``, ``D.T @ c`` its
-    inverse, and row ``k`` is the k-th cosine basis vector. Cached: callers must not modify it."""
-    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
-    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
-    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
-    d[0] /= math.sqrt(2.0)
-    return d.float()
-
-
-def idct2(coef: Tensor) -> Tensor:
-    """Orthonormal 2-D inverse DCT over the last two dimensions (``D_h.T @ coef @ D_w``)."""
-    h, w = coef.shape[-2:]
-    dh, dw = dct_matrix(h).to(coef), dct_matrix(w).to(coef)
-    return dh.t() @ coef @ dw
-
-
-def dct2(img: Tensor) -> Tensor:
-    """Orthonormal 2-D DCT-II over the last two dimensions (``D_h @ img @ D_w.T``)."""
-    h, w = img.shape[-2:]
-    dh, dw = dct_matrix(h).to(img), dct_matrix(w).to(img)
-    return dh @ img @ dw.t()
 
 
 def _side(frac: float, n: int) -> int:
@@ -162,8 +137,9 @@ class SimBA(Attack):
             return q.view(a, c, h, w)
         ch = torch.div(idx, h * w, rounding_mode="floor")
         r = idx % (h * w)
-        rows = dct_matrix(h).to(idx.device)[torch.div(r, w, rounding_mode="floor")]  # (A, H)
-        cols = dct_matrix(w).to(idx.device)[r % w]  # (A, W)
+        dh, dw = (dct_matrix(n).to(idx.device, torch.float32) for n in (h, w))
+        rows = dh[torch.div(r, w, rounding_mode="floor")]  # (A, H)
+        cols = dw[r % w]  # (A, W)
         img = rows.unsqueeze(2) * cols.unsqueeze(1)
         onehot = (torch.arange(c, device=idx.device).unsqueeze(0) == ch.unsqueeze(1)).float()
         return onehot.view(a, c, 1, 1) * img.unsqueeze(1)

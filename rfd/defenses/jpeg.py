@@ -15,13 +15,11 @@ examples as easily as without the defense. Implemented in torch (chroma is not s
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from rfd.dct import dct_matrix
 from rfd.defenses.base import Defense
 from rfd.rng import KeyedRNG
 
@@ -42,17 +40,6 @@ def quant_table(quality: int, chroma: bool = False) -> Tensor:
     return ((base * scale + 50) // 100).clamp(min=1)
 
 
-@functools.lru_cache(maxsize=4)
-def _dct_matrix() -> Tensor:
-    """The orthonormal 8-point DCT-II matrix (cached: made outside inference mode, so that
-    autograd may use it whichever mode the first call came from)."""
-    with torch.inference_mode(False):
-        k = torch.arange(8, dtype=torch.float64)
-        m = torch.cos(math.pi * (2 * k.view(1, -1) + 1) * k.view(-1, 1) / 16) * math.sqrt(2 / 8)
-        m[0] /= math.sqrt(2)
-        return m.float()
-
-
 _TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5],
                           [0.5, -0.418688, -0.081312]])  # fmt: skip
 
@@ -69,7 +56,7 @@ def jpeg(x: Tensor, quality: int = 75) -> Tensor:
         y = F.pad(y, (0, pw, 0, ph), mode="replicate")
     hh, ww = y.shape[-2:]
     blocks = y.unfold(2, 8, 8).unfold(3, 8, 8) - 128  # (B, C, H/8, W/8, 8, 8)
-    d = _dct_matrix().to(x)
+    d = dct_matrix(8).to(x)
     coef = d @ blocks @ d.T
     q = torch.stack([quant_table(quality, chroma=i > 0) for i in range(c)]).to(x)
     q = q.view(1, c, 1, 1, 8, 8)
