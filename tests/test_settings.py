@@ -283,7 +283,7 @@ def test_attack_params_are_checked_against_the_attacks(tmp_path, capsys):
     s = _load(tmp_path, "", "--attack", "square", "--attack-param", "p_init=0.3")
     assert attack_params_for(s, "square")["p_init"] == 0.3
     # the norm's defaults from configs/attack/<name>.yaml stay below every override
-    assert attack_params_for(_load(tmp_path, "", "--norm", "l2"), "square") == {"p_init": 0.1}
+    assert attack_params_for(_load(tmp_path, "", "--norm", "l2"), "square")["p_init"] == 0.1
 
     err = _one_error(capsys, ["--attack", "square", "--attack-param", "square.bogus=1"])
     assert "unknown square hyperparameter(s) ['bogus']; valid: ['p_init']" in err
