@@ -286,7 +286,7 @@ def test_attack_params_are_checked_against_the_attacks(tmp_path, capsys):
     assert attack_params_for(_load(tmp_path, "", "--norm", "l2"), "square")["p_init"] == 0.1
 
     err = _one_error(capsys, ["--attack", "square", "--attack-param", "square.bogus=1"])
-    assert "unknown square hyperparameter(s) ['bogus']; valid: ['p_init']" in err
+    assert "unknown square hyperparameter(s) ['bogus']; valid: ['p_init', 'refresh_every']" in err
     err = _one_error(capsys, ["--attack-param", "bogus=1"])
     assert "no attack takes hyperparameter 'bogus'" in err
     # a named attack's keys are checked even when it is not attacked in this run
