@@ -134,6 +134,13 @@ def test_changed_settings_refuse_to_mix_unless_overwrite(model_args, tmp_path: P
     assert (run_dir / "results.json").read_text() == before
     evaluate_main([*base, "--eps", "0.05", "--overwrite"])
     assert json.loads((run_dir / "results.json").read_text())[0]["eps"] == 0.05
+    # a folder written before a setting existed held that setting's default: it still resumes
+    spec = json.loads((run_dir / "spec.json").read_text())
+    del spec["success"]
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    evaluate_main([*base, "--eps", "0.05"])
+    assert json.loads((run_dir / "spec.json").read_text())["success"] == "any"
+    assert run_cli(evaluate_main, [*base, "--eps", "0.05", "--success", "improved"]) == 2
 
 
 BAD = {
