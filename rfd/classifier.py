@@ -7,6 +7,7 @@ back into it with ``rfd.create_model(..., checkpoint=...)``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning as L
@@ -98,6 +99,17 @@ class ClassifierModule(L.LightningModule):
             raise ValueError(f"adv_training={adv_training!r}; allowed: none, pgd, fast")
         if gaussian_sigma < 0 or adv_eps < 0:
             raise ValueError("gaussian_sigma and adv_eps must be >= 0")
+        # checked here, at train.py's entry, rather than by the optimizer once the run has started
+        positive = {"lr": lr, "num_classes": num_classes, "adv_steps": adv_steps}
+        for name, v in positive.items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0 (got {v!r})")
+        non_negative = {"weight_decay": weight_decay, "warmup_epochs": warmup_epochs}
+        for name, v in non_negative.items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (got {v!r})")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1) (got {label_smoothing!r})")
         self.save_hyperparameters()
         self.model: ImageClassifier = create_model(
             model_name,

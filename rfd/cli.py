@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -32,6 +34,9 @@ from rfd.settings import (
     CONFIG_DIR,
     REPO_ROOT,
     UsageError,
+    check_machine,
+    check_writable,
+    first_line,
     resolve_config_args,
     resolve_config_path,
     run_cli,
@@ -93,6 +98,14 @@ class TrainCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         run_dir = self.run_dir()
         cfg = self.config
+        trainer_cfg = cfg.get("trainer") or {}
+        devices = trainer_cfg.get("devices", "auto")
+        if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+            devices = int(devices)
+        if isinstance(devices, int) and devices < 1:
+            raise ValueError(f"trainer.devices must be a positive integer or auto (got {devices})")
+        check_machine(str(trainer_cfg.get("accelerator", "auto")), devices)
+        check_writable(run_dir, "--run_root/--run_name")
         kwargs["default_root_dir"] = str(run_dir)
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = make_loggers(
@@ -121,6 +134,8 @@ def make_train_cli(argv: list[str]) -> TrainCLI:
     """Parse ``argv`` (config names resolved under configs/) and build trainer, model and data."""
     # We pass the (rewritten) command line explicitly; Lightning warns when sys.argv also has args.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+    # "Seed set to N" would precede a one-line error; the seed is in the saved config.yaml
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     try:
         return TrainCLI(
             ClassifierModule,
@@ -133,6 +148,20 @@ def make_train_cli(argv: list[str]) -> TrainCLI:
         )
     except argparse.ArgumentError as e:
         raise UsageError(one_line_parse_error(str(e))) from None
+    except (ValueError, MisconfigurationException) as e:  # a constructor refused a value
+        raise UsageError(_constructor_error(e)) from None
+
+
+def _constructor_error(e: Exception) -> str:
+    """The reason a model/data/trainer constructor gave, without jsonargparse's union wrapper
+    ("Does not validate against any of the Union subtypes ... Errors: - <reason>")."""
+    text = str(e)
+    if "Errors:" in text:
+        reasons = [ln.strip()[2:] for ln in text.split("Errors:", 1)[1].splitlines()
+                   if ln.strip().startswith("- ") and "NoneType" not in ln]  # fmt: skip
+        if reasons:
+            return reasons[0]
+    return first_line(e)
 
 
 def one_line_parse_error(message: str) -> str:

@@ -124,6 +124,14 @@ class _EvalSplits:
     def test_labels(self) -> np.ndarray:
         raise NotImplementedError
 
+    @staticmethod
+    def _check_loader_args(batch_size: int, val_size: int, num_workers: int) -> None:
+        """Refuse loader settings at construction (train.py's entry), not at the first batch."""
+        for name, v, low in (("batch_size", batch_size, 1), ("val_size", val_size, 1),
+                             ("num_workers", num_workers, 0)):  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low} (got {v!r})")
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.train_set,
@@ -310,6 +318,9 @@ class FashionMNISTDataModule(_EvalSplits, L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self._check_loader_args(batch_size, val_size, num_workers)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3 (got {channels!r})")
         self.save_hyperparameters()
         self.data_dir, self.img_size, self.channels = data_dir, img_size, channels
         self.batch_size, self.val_size, self.train_subset = batch_size, val_size, train_subset
@@ -460,6 +471,7 @@ class CIFAR10DataModule(_EvalSplits, L.LightningDataModule):
         train_subset: int | None = None,
     ) -> None:
         super().__init__()
+        self._check_loader_args(batch_size, val_size, num_workers)
         self.save_hyperparameters()
         self.data_source, self.model_name, self.img_size = data_source, model_name, img_size
         self.batch_size, self.val_size, self.num_workers = batch_size, val_size, num_workers

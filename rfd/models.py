@@ -17,7 +17,7 @@ from typing import Any
 
 import timm
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 PENULTIMATE = "penultimate"
 
@@ -322,3 +322,66 @@ def resolve_layer(model: nn.Module, name: str) -> str:
         raise ValueError(f"unknown layer {name!r}; valid layers: {valid}") from None
     prefix = "net." if isinstance(model, ImageClassifier) else ""
     return prefix + target
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """The channel count the model's first convolution (or patch embedding) takes, if it has one."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    return None
+
+
+def check_inputs(model: nn.Module, images: Tensor, labels: Tensor | None = None) -> None:
+    """The input contract of every attack and of calibration, checked before any forward so that
+    a mistake gets its own message rather than a conv error or a robust accuracy of 0.
+
+    Raises:
+        ValueError: images that are not a finite float (N, C, H, W) tensor in [0, 1] with the
+            model's channel count and dtype, or labels that are not (N,) non-negative integers.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be an (N, C, H, W) tensor, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be float in [0, 1], got {images.dtype}; use images.float() / 255"
+        )
+    param = next(iter(model.parameters()), None)
+    if param is not None and param.is_floating_point() and images.dtype != param.dtype:
+        raise ValueError(
+            f"images are {images.dtype} but the model's weights are {param.dtype}; "
+            f"convert with images.to({param.dtype})"
+        )
+    if images.numel():
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images contain NaN or inf values")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 1:
+            hint = "; they look like 0-255 pixels: divide by 255" if 1 < hi <= 255 and lo >= 0 else ""
+            raise ValueError(
+                f"images must lie in [0, 1] (rfd models normalize internally), got [{lo:.4g}, "
+                f"{hi:.4g}]{hint}"
+            )
+    chans = input_channels(model)
+    if chans is not None and images.shape[1] != chans:
+        raise ValueError(f"images have {images.shape[1]} channels but the model takes {chans}")
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be (N,) = ({images.shape[0]},), got {shape}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"labels must be >= 0, got {int(labels.min())}")
+
+
+def check_logits(logits: Tensor, labels: Tensor) -> None:
+    """A model answer that cannot be judged: fewer classes than the labels need, or NaN/inf."""
+    if labels.numel() and int(labels.max()) >= logits.shape[-1]:
+        raise ValueError(
+            f"labels go up to {int(labels.max())} but the model outputs {logits.shape[-1]} classes"
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model returned NaN or inf logits; check the model and its inputs")

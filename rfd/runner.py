@@ -26,6 +26,8 @@ from rfd.settings import (
     EvalSettings,
     UsageError,
     attack_params_for,
+    check_machine,
+    check_writable,
     load_eval_settings,
     read_yaml_mapping,
     spec_hash,
@@ -119,6 +121,7 @@ class _ModelGrid:
 
 def _check_models(s: EvalSettings, runs: list[LoadedRun]) -> None:
     """What can only be checked against a model: layer names, image counts, a default eps."""
+    from rfd.attacks import check_eps
     from rfd.defenses import DEFENSES
     from rfd.models import resolve_layer
 
@@ -141,8 +144,11 @@ def _check_models(s: EvalSettings, runs: list[LoadedRun]) -> None:
                 f"n_images + n_calibration = {s.n_images + s.n_calibration} exceeds the "
                 f"{n_test} test images of {lr.name}"
             )
-        if s.eps is None:
-            _eps(s, lr)
+        eps = _eps(s, lr)
+        try:
+            check_eps(eps, s.norm, tuple(dm.test_set[0][0].shape))
+        except ValueError as e:
+            raise UsageError(f"{e} (--eps)") from None
 
 
 def _eps(s: EvalSettings, lr: LoadedRun) -> float:
@@ -239,10 +245,12 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
             for m in s.models]  # fmt: skip
     displays = [m.get("name") or lr.display for m, lr in zip(s.models, runs, strict=True)]
     _check_models(s, runs)
+    check_machine(s.accelerator, s.devices)
     attacks = {a: make_attack(a, s.norm, **attack_params_for(s, a)) for a in s.attack}
     run_dir = Path(
         s.run_dir or Path("runs/eval") / f"{'+'.join(r.name for r in runs)}-{spec_hash(spec)}"
     )
+    check_writable(run_dir, "--run-dir")
     _claim_run_dir(run_dir, spec, s.overwrite)
     logger = _wandb_logger(run_dir, s, spec)
     budget = max(s.queries)

@@ -220,5 +220,5 @@ def _datamodule(class_path: Any, init_args: dict[str, Any], where: str) -> L.Lig
         init_args["augment"] = False
     try:
         return cls(**init_args)
-    except TypeError as e:  # an init_arg the class does not take
+    except (TypeError, ValueError) as e:  # an init_arg the class does not take, or refuses
         raise UsageError(f"data.init_args in {where}: {first_line(e)}") from None

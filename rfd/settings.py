@@ -642,9 +642,9 @@ def _check_together(s: EvalSettings, where: dict[str, str]) -> None:
                 f"attack {a!r} does not support norm {s.norm!r}; it supports "
                 f"{', '.join(ATTACKS[a].norms)}{at('norm')}"
             )
-    if s.eps is not None and s.norm == "linf" and s.eps > 1:
+    if s.eps is not None and s.norm == "linf" and s.eps >= 1:
         raise UsageError(
-            f"eps must be <= 1 for norm linf: pixels lie in [0, 1] (got {s.eps}){at('eps')}"
+            f"eps must be < 1 for norm linf: pixels lie in [0, 1] (got {s.eps}){at('eps')}"
         )
     if max(s.queries) < s.eot:
         raise UsageError(
@@ -690,3 +690,52 @@ def spec_of(s: EvalSettings) -> dict[str, Any]:
 def spec_hash(spec: dict[str, Any]) -> str:
     """A short, order-independent fingerprint of a spec (names run folders)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+# at most this many DDP processes per CPU core: beyond it gloo's start-up times out on a loaded
+# machine, and nothing is gained (a 64-process run on 2 cores hung for minutes before this check)
+CPU_PROCESSES_PER_CORE = 2
+
+
+def check_machine(accelerator: str, devices: int | str) -> None:
+    """Refuse an accelerator this machine lacks, or more devices than it has, before anything is
+    written (Lightning would only fail once the Trainer starts, after the run folder exists)."""
+    import importlib.util
+    import os
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if accelerator in ("gpu", "cuda") and not cuda:
+        raise UsageError(
+            f"accelerator {accelerator}: this machine has no CUDA GPU; use --accelerator cpu or auto"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("accelerator mps: this machine has no Apple GPU; use cpu or auto")
+    if accelerator == "tpu" and importlib.util.find_spec("torch_xla") is None:
+        raise UsageError("accelerator tpu: torch_xla is not installed; use cpu or auto")
+    if not isinstance(devices, int) or accelerator in ("mps", "tpu"):
+        return
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda):
+        have, what = torch.cuda.device_count(), "CUDA GPUs"
+    else:
+        have = (os.cpu_count() or 1) * CPU_PROCESSES_PER_CORE
+        what = f"CPU processes ({CPU_PROCESSES_PER_CORE} per core)"
+    if devices > have:
+        raise UsageError(f"devices={devices}, but this machine allows at most {have} {what}")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Refuse an output folder that is a file or lies under a folder we cannot write."""
+    import os
+
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"{flag} {folder}: {probe} is a file, not a folder")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: {probe} is not writable")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rfd.metrics import STATS_METRICS
 from rfd.runner import evaluate_main
@@ -153,6 +154,9 @@ BAD = {
     "eps <= 0": (["--eps", "0"], "eps must be > 0"),
     "l2 decision attack": (["--attack", "rays", "--norm", "l2"], "does not support norm 'l2'"),
     "missing checkpoint": (["--checkpoint", "/nonexistent/model.ckpt"], "checkpoint not found"),
+    "l2 eps beyond the diagonal": (["--norm", "l2", "--eps", "1000"], "eps must be < 28"),
+    "too many devices": (["--devices", "999"], "but this machine allows at most"),
+    "linf eps 1": (["--eps", "1"], "eps must be < 1 for norm linf"),
 }
 
 
@@ -234,3 +238,18 @@ def test_attack_param_overrides(model_args) -> None:
     assert "p_init" not in attack_params_for(s, "nes")
     with pytest.raises(UsageError, match="bogus"):
         load_eval_settings([*model_args, "--attack", "square", "--attack-param", "square.bogus=1"])
+
+
+def test_machine_and_folder_are_checked_before_anything_is_written(model_args, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = [*model_args, "--n-images", "10", "--wandb", "disabled"]
+    assert run_cli(evaluate_main, [*base, "--run-dir", str(afile / "run")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and afile.read_text() == "x"
+    if not torch.cuda.is_available():
+        run_dir = tmp_path / "run"
+        assert (
+            run_cli(evaluate_main, [*base, "--run-dir", str(run_dir), "--accelerator", "gpu"]) == 2
+        )
+        err = capsys.readouterr().err
+        assert "no CUDA GPU" in err and err.count("\n") == 1 and not run_dir.exists()

@@ -249,7 +249,8 @@ def test_norm_must_suit_every_attack(tmp_path, capsys):
 
 
 def test_linf_eps_at_most_one(tmp_path, capsys):
-    assert "eps must be <= 1 for norm linf" in _one_error(capsys, ["--eps", "1.5"])
+    assert "eps must be < 1 for norm linf" in _one_error(capsys, ["--eps", "1.5"])
+    assert "eps must be < 1 for norm linf" in _one_error(capsys, ["--eps", "1"])
     assert _load(tmp_path, "", "--eps", "1.5", "--norm", "l2", "--attack", "square").eps == 1.5
     path = _yaml(tmp_path, "eps: 2\n")
     assert str(path) in _one_error(capsys, ["--eval-config", str(path)])

@@ -79,6 +79,12 @@ def test_bare_config_name_and_cli_override(tmp_path: Path) -> None:
         (["--wandb", "nope"], "invalid choice: 'nope'"),
         (["--bogus", "1"], "unrecognized arguments: --bogus"),
         (["--model.gaussian_sigma", "-1"], "error: gaussian_sigma and adv_eps must be >= 0"),
+        (["--model.lr", "-1"], "error: lr must be a finite number > 0 (got -1.0)"),
+        (["--model.label_smoothing", "1.5"], "error: label_smoothing must be in [0, 1)"),
+        (["--data.batch_size", "0"], "error: batch_size must be an integer >= 1 (got 0)"),
+        (["--data.channels", "2"], "error: channels must be 1 or 3 (got 2)"),
+        (["--trainer.devices", "0"], "error: trainer.devices must be a positive integer or auto"),
+        (["--trainer.devices", "999"], "but this machine allows at most"),
     ],
 )
 def test_bad_training_flags_are_one_line_exit_2(flags, message, tmp_path: Path, capsys) -> None:
@@ -183,3 +189,17 @@ def test_train_cli_end_to_end_writes_run_and_refuses_overwrite(tmp_path: Path, c
     with pytest.raises(UsageError, match="holds a finished run"):
         train_main(args)
     assert (run / "best.ckpt").read_bytes() == before
+
+
+def test_train_refuses_a_gpu_it_does_not_have_and_a_file_as_run_root(tmp_path: Path, capsys):
+    argv = ["--config", "fmnist_default", "--wandb", "disabled"]
+    if not torch.cuda.is_available():
+        flags = [*argv, "--run_root", str(tmp_path), "--trainer.accelerator", "gpu"]
+        assert run_cli(train_main, flags) == 2
+        assert "this machine has no CUDA GPU" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert run_cli(train_main, [*argv, "--run_root", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and err.count("\n") == 1
+    assert afile.read_text() == "x"

@@ -31,6 +31,7 @@ from rfd.attacks.base import (
     Reply,
     State,
     View,
+    check_eps,
     default_eps,
     select,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "State",
     "View",
     "attack",
+    "check_eps",
     "default_eps",
     "make_attack",
     "select",

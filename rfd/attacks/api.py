@@ -15,10 +15,12 @@ from rfd.attacks.base import (
     SUCCESS_RULES,
     Attack,
     AttackResult,
+    check_eps,
     default_eps,
 )
 from rfd.attacks.engine import Cell, Engine
 from rfd.defenses.rows import PRECISIONS
+from rfd.models import check_inputs
 
 
 def make_attack(name: str, norm: str = "linf", **params: Any) -> Attack:
@@ -39,16 +41,6 @@ def make_attack(name: str, norm: str = "linf", **params: Any) -> Attack:
             valid = sorted(cls.defaults[norm]) or "none"
             raise ValueError(f"unknown {name} hyperparameter(s) {unknown}; valid: {valid}")
     return cls(norm, **params)
-
-
-def check_images(images: Tensor, labels: Tensor) -> None:
-    """The input contract of every attack: float (N, C, H, W) in [0, 1] with (N,) labels."""
-    if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"images must be a float (N, C, H, W) tensor, got {tuple(images.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"labels must be (N,) = ({images.shape[0]},), got {tuple(labels.shape)}")
-    if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
-        raise ValueError("images must lie in [0, 1]; rfd models normalize internally")
 
 
 def attack(
@@ -127,7 +119,7 @@ def attack(
         raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    check_images(images, labels)
+    check_inputs(model, images, labels)
     if ids is not None and (ids.shape != labels.shape or ids.unique().numel() != ids.numel()):
         raise ValueError("ids must be (N,) distinct integers, one per image")
     if eps is None:
@@ -142,6 +134,7 @@ def attack(
         or eps <= 0
     ):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_eps(float(eps), norm, tuple(images.shape[1:]))
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
 

@@ -12,6 +12,7 @@ their queries with other jobs' into full forward batches without changing any re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -50,6 +51,20 @@ def default_eps(img_size: int, norm: str) -> float:
         sizes = ", ".join(f"{s}px" for s in _EPS_BY_SIZE)
         raise ValueError(f"no default eps for {img_size}px images (known: {sizes}); pass eps=")
     return _EPS_BY_SIZE[img_size][NORMS.index(norm)]
+
+
+def check_eps(eps: float, norm: str, image_shape: tuple[int, ...]) -> None:
+    """Refuse a radius that contains every image: Linf eps >= 1, or an L2 eps beyond the diagonal
+    of [0, 1]^d (robust accuracy would then only measure the attack's failures)."""
+    if norm == "linf" and eps >= 1:
+        raise ValueError(f"eps must be < 1 for norm linf: pixels lie in [0, 1] (got {eps})")
+    if norm == "l2":
+        diag = math.sqrt(math.prod(image_shape))
+        if eps >= diag:
+            raise ValueError(
+                f"eps must be < {diag:.4g} for norm l2 on {'x'.join(map(str, image_shape))} "
+                f"images: the diagonal of [0, 1]^d (got {eps})"
+            )
 
 
 def select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:

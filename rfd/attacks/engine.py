@@ -46,6 +46,7 @@ from rfd.attacks.base import (
 from rfd.defenses.base import Defense
 from rfd.defenses.rows import RowForward
 from rfd.gradients import LOSSES
+from rfd.models import check_logits
 from rfd.rng import KeyedRNG, derive, derive_rows, offset_rows
 
 _VOTE_SUB, _PROBE_SUB = 1000, 2000  # noise-key sub-indices of vote and probe rows
@@ -599,6 +600,10 @@ class EngineRun:
         lane, g, out = ch.lane, ch.jobs, ch.out
         assert out is not None
         y = self.job_label[g]
+        if ch.kind == "clean":  # the first answer: enough classes for the labels, and finite
+            check_logits(out, y)
+        elif not bool(torch.isfinite(out).all()):  # NaN logits would read as misclassified
+            check_logits(out, y)
         if ch.kind == "step":
             self._process_step(ch, y)
         elif ch.kind == "clean":

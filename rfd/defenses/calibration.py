@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from rfd.defenses.base import DEFENSES
-from rfd.models import eval_mode, file_hash, model_device, model_hash, resolve_layer
+from rfd.models import (
+    check_inputs,
+    eval_mode,
+    file_hash,
+    model_device,
+    model_hash,
+    resolve_layer,
+)
 
 AUTO = "auto"  # layers="auto": the layer rfd.defenses.autolayer.auto_layer ranks most robust
 
@@ -119,6 +126,7 @@ def calibrate_report(
             "the core calibration needs concrete layer names"
         )
     batches = read_calibration_data(defense, data, target_drop, n_passes)
+    check_inputs(model, batches[0][0], batches[0][1])  # 0-255 pixels would calibrate nonsense
     n = sum(len(y) for _, y in batches)
     device = model_device(model)
     cls = DEFENSES[defense]
