@@ -358,7 +358,9 @@ def check_inputs(model: nn.Module, images: Tensor, labels: Tensor | None = None)
             raise ValueError("images contain NaN or inf values")
         lo, hi = float(images.min()), float(images.max())
         if lo < 0 or hi > 1:
-            hint = "; they look like 0-255 pixels: divide by 255" if 1 < hi <= 255 and lo >= 0 else ""
+            hint = (
+                "; they look like 0-255 pixels: divide by 255" if 1 < hi <= 255 and lo >= 0 else ""
+            )
             raise ValueError(
                 f"images must lie in [0, 1] (rfd models normalize internally), got [{lo:.4g}, "
                 f"{hi:.4g}]{hint}"
