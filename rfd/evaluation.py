@@ -191,8 +191,13 @@ class GridEvaluation(L.LightningModule):
                 bpda=self.bpda, **self.forward_kw,
             )  # fmt: skip
             writer = _Writer(self, cells, clean, defended, which, y, ids)
-            run = engine.run(cells, x, y, ids=ids, jobs=torch.tensor(jobs, device=x.device),
-                             on_done=writer.done)  # fmt: skip
+            try:
+                run = engine.run(cells, x, y, ids=ids, jobs=torch.tensor(jobs, device=x.device),
+                                 on_done=writer.done)  # fmt: skip
+            except BaseException:  # interrupted: keep every finished job, then stop
+                if writer.run is not None:
+                    writer.flush(writer.run)
+                raise
             writer.flush(run)
         for ci, c in enumerate(self.cells):  # the torchmetrics view, synced across ranks
             rows = self.records[c.name]
@@ -220,8 +225,10 @@ class _Writer:
         self.pending: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cells}
         self.last = time.perf_counter()
         self.sent: list[dict[str, float]] = [{} for _ in cells]
+        self.run: EngineRun | None = None
 
     def done(self, run: EngineRun, g: Tensor) -> None:
+        self.run = run
         cols = [run.cell[g], run.image[g], run.clean_correct[g], run.success[g], run.used[g],
                 run.verify[g], run.fooled_at[g], run.probe[g]]  # fmt: skip
         for ci, im, cc, ok, q, v, fa, pr in zip(*(c.tolist() for c in cols), strict=True):

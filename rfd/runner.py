@@ -175,6 +175,12 @@ def _field_defaults() -> dict[str, Any]:
     return out
 
 
+REPORT_FILES = (
+    "results.json", "results.csv", "table.md", "robust_vs_queries.png", "clean_vs_nu.png",
+    "timing.json",
+)  # fmt: skip
+
+
 def _claim_run_dir(run_dir: Path, spec: dict[str, Any], overwrite: bool) -> None:
     spec_file = run_dir / "spec.json"
     if spec_file.exists():
@@ -191,6 +197,8 @@ def _claim_run_dir(run_dir: Path, spec: dict[str, Any], overwrite: bool) -> None
                     "use another --run-dir or --overwrite"
                 )
             shutil.rmtree(run_dir / "cells", ignore_errors=True)
+            for stale in REPORT_FILES:  # the old reports must not sit beside the new spec
+                (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(spec, indent=2, default=str))
 

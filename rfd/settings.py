@@ -71,14 +71,37 @@ def first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived. A BaseException, so that nothing on the way (Lightning turns a
+    KeyboardInterrupt into ``sys.exit(1)``) swallows it, while ``finally`` blocks and the
+    evaluation's record flush still run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run ``main(argv)``; bad input becomes one ``error:`` line on stderr and exit status 2.
 
     Bad input is a :class:`UsageError`, a ``ValueError`` (the library's checks), a
     ``FileNotFoundError`` (``rfd.data.DataMissingError`` is one: its message says how to get the
     data) or a parser's ``argparse.ArgumentError`` (jsonargparse's too). Anything else is a bug and
-    keeps its traceback.
+    keeps its traceback. SIGTERM and SIGINT end the run with 143 / 130 and one line saying how to
+    resume (a scheduler must not read an interrupted run as a success).
     """
+    import signal
+
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            handlers[sig] = signal.signal(sig, _interrupt)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
     try:
         main(argv)
     except argparse.ArgumentError as e:  # messages of nested parsers span lines
@@ -87,6 +110,18 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        cmd = " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
+        print(
+            f"error: interrupted by {name}; finished work is saved; run `python {cmd}` again to "
+            "resume",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     return 0
 
 

@@ -253,3 +253,46 @@ def test_machine_and_folder_are_checked_before_anything_is_written(model_args, t
         )
         err = capsys.readouterr().err
         assert "no CUDA GPU" in err and err.count("\n") == 1 and not run_dir.exists()
+
+
+def test_sigterm_exits_143_with_one_line_and_keeps_finished_work(model_args, tmp_path: Path):
+    """A scheduler's SIGTERM is not a success: exit 143, one line saying how to resume, and every
+    job finished before the signal is on disk (the buffered ones are flushed on the way out)."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    args = [*model_args, "--defense", "none,feature", "--attack", "square,signflip",
+            "--n-images", "40", "--batch-size", "32", "--queries", "600", "--nu", "0.3",
+            "--wandb", "disabled", "--run-dir", str(run_dir)]  # fmt: skip
+    p = _cli(args, {**os.environ, "WANDB_MODE": "disabled"})
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if (run_dir / "cells").is_dir() and any((run_dir / "cells").glob("*/stats.rank0.jsonl")):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0] and "resume" in lines[0], err
+    assert not (run_dir / "results.json").exists()
+    q = _cli(args, {**os.environ, "WANDB_MODE": "disabled"})
+    _, err = q.communicate(timeout=600)
+    assert q.returncode == 0, err[-2000:]
+    assert len(results(run_dir)) == 4
+
+
+def test_overwrite_removes_the_old_reports_first(model_args, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    base = [*model_args, "--defense", "none", "--attack", "square", "--n-images", "10",
+            "--queries", "20", "--run-dir", str(run_dir), "--wandb", "disabled"]  # fmt: skip
+    evaluate_main(base)
+    assert (run_dir / "table.md").exists()
+    from rfd.runner import _claim_run_dir
+
+    spec = json.loads((run_dir / "spec.json").read_text())
+    _claim_run_dir(
+        run_dir, {**spec, "eps": 0.05}, overwrite=True
+    )  # as a killed overwrite leaves it
+    assert not (run_dir / "table.md").exists() and not (run_dir / "results.json").exists()
+    assert not (run_dir / "cells").exists()
