@@ -201,13 +201,14 @@ class GridEvaluation(L.LightningModule):
             writer.flush(run)
         for ci, c in enumerate(self.cells):  # the torchmetrics view, synced across ranks
             rows = self.records[c.name]
-            if rows:
-                idx = torch.tensor([r["index"] for r in rows], device=x.device)
-                val = torch.tensor(
-                    [float(r["attack_clean_correct"] and not r["success"]) for r in rows],
-                    device=x.device,
-                )
-                self.robust_acc[ci].update(val, idx)
+            # every rank updates every metric, with nothing if it had no work left (a resumed
+            # run): a rank with an empty list state would skip the gather the others wait in
+            idx = torch.tensor([r["index"] for r in rows], dtype=torch.long, device=x.device)
+            val = torch.tensor(
+                [float(r["attack_clean_correct"] and not r["success"]) for r in rows],
+                device=x.device,
+            )
+            self.robust_acc[ci].update(val, idx)
 
     def on_test_epoch_end(self) -> None:
         for ci, c in enumerate(self.cells):  # IndexedMean syncs across ranks itself

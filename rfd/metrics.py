@@ -259,6 +259,8 @@ class IndexedMean(Metric):
         if len(self.index) == 0:  # an empty list, before any update or sync
             return torch.tensor(float("nan"))
         idx, val = dim_zero_cat(self.index), dim_zero_cat(self.value)
+        if idx.numel() == 0:  # only empty updates (every job was already on disk)
+            return torch.tensor(float("nan"))
         uniq, inverse = torch.unique(idx, return_inverse=True)
         order = torch.arange(len(idx), device=idx.device)
         first = torch.full((len(uniq),), len(idx), device=idx.device, dtype=torch.long)

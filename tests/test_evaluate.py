@@ -296,3 +296,61 @@ def test_overwrite_removes_the_old_reports_first(model_args, tmp_path: Path) -> 
     )  # as a killed overwrite leaves it
     assert not (run_dir / "table.md").exists() and not (run_dir / "results.json").exists()
     assert not (run_dir / "cells").exists()
+
+
+# --------------------------------------------------------------------------- DDP (gloo, CPU)
+
+DDP_ARGS = ["--defense", "none,feature", "--attack", "square,signflip", "--n-images", "30",
+            "--queries", "300", "--nu", "0.3", "--wandb", "disabled", "--accelerator", "cpu"]  # fmt: skip
+
+
+def _ddp(model_args: list[str], run_dir: Path, devices: int) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return _cli([*model_args, *DDP_ARGS, "--devices", str(devices), "--run-dir", str(run_dir)], env)
+
+
+def _finish(p: subprocess.Popen) -> None:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_with_2_and_3_processes_gives_the_results_of_one(model_args, tmp_path: Path) -> None:
+    """Every random number is keyed by (seed, image, query): the rank an image lands on, and the
+    images it shares a forward with, change nothing."""
+    for d in (1, 2, 3):
+        _finish(_ddp(model_args, tmp_path / f"d{d}", d))
+    assert results(tmp_path / "d2") == results(tmp_path / "d1")
+    assert results(tmp_path / "d3") == results(tmp_path / "d1")
+    assert sorted((tmp_path / "d3" / "cells").glob("*/records.rank2.jsonl"))  # 3 ranks worked
+
+
+@pytest.mark.slow
+def test_ddp_resume_where_one_rank_has_no_work_left(model_args, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _finish(_ddp(model_args, run_dir, 2))
+    reference = results(run_dir)
+    # rank 0 lost one cell's records (as if killed before its flush); rank 1 has nothing to do
+    (run_dir / "cells" / "tiny__feature__square" / "records.rank0.jsonl").unlink()
+    (run_dir / "results.json").unlink()
+    _finish(_ddp(model_args, run_dir, 2))
+    assert results(run_dir) == reference
+
+
+@pytest.mark.slow
+def test_ddp_kill_then_resume_gives_identical_results(model_args, tmp_path: Path) -> None:
+    import signal
+
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    p = _ddp(model_args, killed, 2)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if any(f.read_text() for f in (killed / "cells").glob("*/records.rank*.jsonl")):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and not (killed / "results.json").exists(), err[-2000:]
+    _finish(_ddp(model_args, killed, 2))
+    _finish(_ddp(model_args, full, 1))
+    assert results(killed) == results(full)
