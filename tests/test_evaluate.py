@@ -356,11 +356,15 @@ def test_ddp_kill_then_resume_gives_identical_results(model_args, tmp_path: Path
     assert results(killed) == results(full)
 
 
-def test_a_resumed_run_continues_its_own_wandb_run(model_args, tmp_path: Path) -> None:
+def test_a_resumed_run_continues_its_own_wandb_run(
+    model_args, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     run_dir = tmp_path / "run"
     base = [*model_args, "--defense", "none", "--attack", "square", "--n-images", "10",
             "--queries", "20", "--run-dir", str(run_dir), "--wandb", "offline"]  # fmt: skip
     evaluate_main(base)
     evaluate_main(base)  # everything is on disk: a resume that only reports
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) >= 1 and len({p.name.rsplit("-", 1)[-1] for p in runs}) == 1, runs
+    assert len(runs) == 2 and len({p.name.rsplit("-", 1)[-1] for p in runs}) == 1, runs
