@@ -363,6 +363,13 @@ def test_cli_rejects_bad_input(capsys: pytest.CaptureFixture, tmp_path: Path, ti
     ckpt = _checkpoint(tmp_path, tiny_resnet)
     err = _one_line_exit_2(capsys, ["ratios", "--checkpoint", str(ckpt), "--layers", "nope"])
     assert "unknown layer" in err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    err = _one_line_exit_2(capsys, ["ratios", "--checkpoint", str(ckpt), "--out", str(afile)])
+    assert "is a file, not a folder" in err and afile.read_text() == "x"
+    (tmp_path / "bad.ckpt").write_bytes(b"\x80\x02garbage")
+    err = _one_line_exit_2(capsys, ["ratios", "--checkpoint", str(tmp_path / "bad.ckpt")])
+    assert "corrupt or unreadable checkpoint" in err
 
 
 def test_cli_default_checkpoint_missing_says_how_to_make_it(

@@ -34,6 +34,7 @@ from rfd.settings import (
     BadValue,
     OneLineParser,
     UsageError,
+    check_writable,
     integer,
     list_of,
     number,
@@ -233,6 +234,7 @@ def _run(args: argparse.Namespace) -> dict[str, Path]:
     from rfd.analysis import theorem as T
 
     torch.set_num_threads(args.threads)
+    check_writable(args.out, "--out")  # before minutes of work, not after
     loaded = load(args)
     model, dm = loaded.model, loaded.datamodule
     n = args.n_images or N_IMAGES[args.command]
