@@ -86,10 +86,10 @@ def test_cli_grid_writes_table_json_csv_plots_that_agree(
     assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B run written"
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+def _cli(args: list[str], env: dict[str, str], session: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "evaluate.py"), *args], env=env, cwd=REPO_ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=session,
     )  # fmt: skip
 
 
@@ -306,7 +306,8 @@ DDP_ARGS = ["--defense", "none,feature", "--attack", "square,signflip", "--n-ima
 
 def _ddp(model_args: list[str], run_dir: Path, devices: int) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    return _cli([*model_args, *DDP_ARGS, "--devices", str(devices), "--run-dir", str(run_dir)], env)
+    args = [*model_args, *DDP_ARGS, "--devices", str(devices), "--run-dir", str(run_dir)]
+    return _cli(args, env, session=True)  # its own process group: a kill reaches every rank
 
 
 def _finish(p: subprocess.Popen) -> None:
@@ -339,6 +340,7 @@ def test_ddp_resume_where_one_rank_has_no_work_left(model_args, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_ddp_kill_then_resume_gives_identical_results(model_args, tmp_path: Path) -> None:
+    """A hard kill of every rank (a scheduler's timeout), then a resume with the same command."""
     import signal
 
     killed, full = tmp_path / "killed", tmp_path / "full"
@@ -348,9 +350,9 @@ def test_ddp_kill_then_resume_gives_identical_results(model_args, tmp_path: Path
         if any(f.read_text() for f in (killed / "cells").glob("*/records.rank*.jsonl")):
             break
         time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode != 0 and not (killed / "results.json").exists(), err[-2000:]
+    os.killpg(p.pid, signal.SIGKILL)
+    p.communicate(timeout=120)
+    assert p.returncode != 0 and not (killed / "results.json").exists()
     _finish(_ddp(model_args, killed, 2))
     _finish(_ddp(model_args, full, 1))
     assert results(killed) == results(full)
