@@ -24,6 +24,16 @@ FMNIST_DIR = default_fmnist_dir()
 HAS_FMNIST = any((FMNIST_DIR / f"t10k-labels-idx1-ubyte{s}").exists() for s in ("", ".gz"))
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the duration of a test: attack tests push batches of a few images
+    through tiny models, where fanning out to threads costs more than it saves."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attacks import success_on_trained
 
 import rfd
 from rfd.attacks import ATTACKS, Reply, View
@@ -126,9 +127,5 @@ def test_registered_with_the_published_defaults():
 @pytest.mark.slow
 def test_geoda_fools_trained_default(trained_fmnist):
     """Linf eps 0.1 (GeoDA has the paper's Linf variant): >= 30% of the correct images fooled."""
-    x, y, _ = next(iter(trained_fmnist.datamodule.eval_dataloader(100, seed=0)))
-    res = rfd.attack(
-        trained_fmnist.model, x, y, attack="geoda", norm="linf", eps=0.1, max_queries=1000,
-        criterion="vote", seed=0,
-    )  # fmt: skip
-    assert res.summary()["success_rate"] >= 0.3
+    summary = success_on_trained(trained_fmnist, "geoda", "linf", 0.1)
+    assert summary["success_rate"] >= 0.3

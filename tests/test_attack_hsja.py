@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_attacks import success_on_trained
 from torch import nn
 
 import rfd
@@ -14,13 +15,7 @@ from rfd.attacks import ATTACKS, Reply, View
 from rfd.attacks.hsja import GRAD, INIT, SEARCH, STEP, HopSkipJump
 from rfd.rng import KeyedRNG
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Linear(nn.Module):
@@ -220,11 +215,5 @@ def test_registered():
 @pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 2.0)])
 def test_hsja_fools_trained_default(trained_fmnist, norm, eps):
-    x, y, _ = next(iter(trained_fmnist.datamodule.eval_dataloader(100, seed=0)))
-    res = rfd.attack(
-        trained_fmnist.model, x, y, attack="hsja", norm=norm, eps=eps, max_queries=1000,
-        criterion="vote", seed=0,
-    )  # fmt: skip
-    assert res.clean_correct.float().mean() >= 0.6
-    summary = res.summary()
+    summary = success_on_trained(trained_fmnist, "hsja", norm, eps)
     assert summary["success_rate"] >= 0.3, summary

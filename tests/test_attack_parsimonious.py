@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attacks import success_on_trained
 from torch import nn
 
 import rfd
@@ -12,13 +13,7 @@ from rfd.attacks.base import Reply
 from rfd.attacks.parsimonious import DEL_EVAL, INS_EVAL, START, Parsimonious
 from rfd.rng import KeyedRNG
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_view(x0: torch.Tensor, eps: float = 0.1, budget: int = 10_000) -> View:
@@ -145,10 +140,5 @@ def test_invalid_hyperparameters(kwargs, match):
 
 @pytest.mark.slow
 def test_parsimonious_fools_trained_default(trained_fmnist):
-    x, y, _ = next(iter(trained_fmnist.datamodule.eval_dataloader(100, seed=0)))
-    res = rfd.attack(
-        trained_fmnist.model, x, y, attack="parsimonious", norm="linf", eps=0.1,
-        max_queries=1000, criterion="vote", seed=0,
-    )  # fmt: skip
-    assert res.clean_correct.float().mean() >= 0.6
-    assert res.summary()["success_rate"] >= 0.5
+    summary = success_on_trained(trained_fmnist, "parsimonious", "linf", 0.1)
+    assert summary["success_rate"] >= 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attacks import success_on_trained
 from torch import nn
 
 import rfd
@@ -13,13 +14,7 @@ from rfd.attacks.simba import MINUS, PLUS, SimBA, band_index
 from rfd.dct import dct2, dct_matrix, idct2
 from rfd.rng import KeyedRNG
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_view(x0: torch.Tensor, eps: float = 10.0, budget: int = 10_000, seed: int = 0) -> View:
@@ -190,10 +185,5 @@ def test_invalid_hyperparameters(kwargs, match):
 
 @pytest.mark.slow
 def test_simba_fools_trained_default(trained_fmnist):
-    x, y, _ = next(iter(trained_fmnist.datamodule.eval_dataloader(100, seed=0)))
-    res = rfd.attack(
-        trained_fmnist.model, x, y, attack="simba", norm="l2", eps=2.0, max_queries=1000,
-        criterion="vote", seed=0,
-    )  # fmt: skip
-    assert res.clean_correct.float().mean() >= 0.6
-    assert res.summary()["success_rate"] >= 0.5
+    summary = success_on_trained(trained_fmnist, "simba", "l2", 2.0)
+    assert summary["success_rate"] >= 0.5

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from test_attacks import MarginLinear as Linear
+from test_attacks import success_on_trained
 
 import rfd
 from rfd.attacks import ATTACKS, Reply, View
@@ -13,25 +14,7 @@ from rfd.attacks.api import make_attack
 from rfd.attacks.zo_signsgd import ZOSignSGD
 from rfd.rng import KeyedRNG, derive_rows
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class Linear(nn.Module):
-    """Two logits ``[<w, x> + b, 0]``: the margin of label 0 is exactly ``<w, x> + b``."""
-
-    def __init__(self, w: torch.Tensor, b: float = 0.0) -> None:
-        super().__init__()
-        self.w, self.b = w.flatten(), b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.flatten(1) @ self.w + self.b
-        return torch.stack([z, torch.zeros_like(z)], 1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def view_at(x0: torch.Tensor, eps: float, step: int, remaining: int = 1000) -> View:
@@ -130,10 +113,5 @@ def test_fools_a_linear_model():
 
 @pytest.mark.slow
 def test_zo_signsgd_fools_trained_default(trained_fmnist):
-    x, y, _ = next(iter(trained_fmnist.datamodule.eval_dataloader(100, seed=0)))
-    res = rfd.attack(
-        trained_fmnist.model, x, y, attack="zo_signsgd", norm="linf", eps=0.1, max_queries=1000,
-        criterion="vote", seed=0,
-    )  # fmt: skip
-    assert res.clean_correct.float().mean() >= 0.6
-    assert res.summary()["success_rate"] >= 0.5
+    summary = success_on_trained(trained_fmnist, "zo_signsgd", "linf", 0.1)
+    assert summary["success_rate"] >= 0.5

@@ -31,11 +31,6 @@ from rfd.attacks import (
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "attack"
 CASES = [(a, n) for a, cls in ATTACKS.items() for n in cls.norms]
-# SignHunter, RayS, FGSM and C&W-L2 use no randomness; PGD, C&W and APGD start at random points
-RANDOMIZED_ATTACKS = (
-    "square", "nes", "signflip", "pgd", "cw", "apgd", "bandits", "zo_signsgd", "simba",
-    "parsimonious", "hsja", "signopt", "geoda",
-)  # fmt: skip
 PROPS = settings(
     max_examples=5,
     deadline=None,
@@ -73,6 +68,18 @@ class OneHot(nn.Module):
         return nn.functional.one_hot(z.argmax(1), z.shape[1]).to(z.dtype) * 7.0
 
 
+class MarginLinear(nn.Module):
+    """Two logits ``[<w, x> + b, 0]``: the margin of label 0 is exactly ``<w, x> + b``."""
+
+    def __init__(self, w: torch.Tensor, b: float = 0.0) -> None:
+        super().__init__()
+        self.w, self.b = w.flatten(), b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1) @ self.w + self.b
+        return torch.stack([z, torch.zeros_like(z)], 1)
+
+
 class Center(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - 0.5) * 4
@@ -94,13 +101,7 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 8-image batches through a tiny CNN: fanning out to threads costs more than it saves.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +256,7 @@ def test_seeds(tiny, attack, norm):
     for k in ("adv", "success", "queries", "verify_queries", "fooled_at", "clean_correct"):
         assert torch.equal(getattr(a, k), getattr(b, k)), k
     differs = not torch.equal(a.adv, c.adv) or not torch.equal(a.queries, c.queries)
-    assert differs == (attack in RANDOMIZED_ATTACKS)
+    assert differs == ATTACKS[attack].uses_rng
 
 
 @pytest.mark.parametrize("attack,norm", CASES)
@@ -490,12 +491,18 @@ def test_config_mirrors_defaults(name):
 
 
 # --------------------------------------------------------------------------- trained default
-@pytest.mark.slow
-def test_square_fools_trained_default(trained_fmnist):
-    x, y, _ = next(iter(trained_fmnist.datamodule.eval_dataloader(100, seed=0)))
+def success_on_trained(trained, attack: str, norm: str, eps: float) -> dict:
+    """The summary of ``attack`` on 100 images of the undefended trained default, 1000 queries,
+    vote criterion (the setting of the attacks' success thresholds)."""
+    x, y, _ = next(iter(trained.datamodule.eval_dataloader(100, seed=0)))
     res = rfd.attack(
-        trained_fmnist.model, x, y, attack="square", norm="linf", eps=0.1, max_queries=1000,
+        trained.model, x, y, attack=attack, norm=norm, eps=eps, max_queries=1000,
         criterion="vote", seed=0,
     )  # fmt: skip
     assert res.clean_correct.float().mean() >= 0.6
-    assert res.summary()["success_rate"] >= 0.9
+    return res.summary()
+
+
+@pytest.mark.slow
+def test_square_fools_trained_default(trained_fmnist):
+    assert success_on_trained(trained_fmnist, "square", "linf", 0.1)["success_rate"] >= 0.9

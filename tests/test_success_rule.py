@@ -19,12 +19,7 @@ from rfd.rng import KeyedRNG, row_keys
 SCORE = [a for a, c in ATTACKS.items() if c.kind == "score"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -272,6 +272,9 @@ class Attack:
     constrained: ClassVar[bool] = True
     loss: str = "margin"  # gradient attacks: the loss whose gradient each query returns
     min_queries: ClassVar[int] = 1  # fewest queries a step can send; an image stops below it
+    # whether the attack draws from ``view.rng`` (its seed then changes its path); declared so the
+    # invariant tests can check it without a list of names outside the attack's module
+    uses_rng: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

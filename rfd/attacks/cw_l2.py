@@ -39,6 +39,7 @@ class CWL2(Attack):
     title = "C&W-L2"
     kind = "gradient"
     order = 125
+    uses_rng = False
     constrained = False
     loss = "margin"
     norms = ("l2",)

@@ -23,6 +23,7 @@ class FGSM(PGD):
     name = "fgsm"
     title = "FGSM"
     order = 100
+    uses_rng = False
     norms = ("linf",)
     defaults: dict[str, dict[str, Any]] = {"linf": {"loss": "ce"}}
 

@@ -34,6 +34,7 @@ class RayS(Attack):
     name = "rays"
     title = "RayS"
     order = 40
+    uses_rng = False
     kind = "decision"
     norms = ("linf",)
     defaults: dict[str, dict[str, Any]] = {"linf": {"tol": 1e-3}}

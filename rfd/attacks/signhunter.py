@@ -30,6 +30,7 @@ class SignHunter(Attack):
     name = "signhunter"
     title = "SignHunt"
     order = 30
+    uses_rng = False
     kind = "score"
     norms = ("linf", "l2")
     defaults: dict[str, dict[str, Any]] = {"linf": {}, "l2": {}}
