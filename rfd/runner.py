@@ -163,18 +163,6 @@ def _eps(s: EvalSettings, lr: LoadedRun) -> float:
         raise UsageError(str(e)) from None
 
 
-def _field_defaults() -> dict[str, Any]:
-    from dataclasses import MISSING, fields
-
-    from rfd.settings import EvalSettings
-
-    out = {}
-    for f in fields(EvalSettings):
-        value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        out[f.name] = json.loads(json.dumps(value, default=str))
-    return out
-
-
 REPORT_FILES = (
     "results.json", "results.csv", "table.md", "robust_vs_queries.png", "clean_vs_nu.png",
     "timing.json",
@@ -188,7 +176,8 @@ def _claim_run_dir(run_dir: Path, spec: dict[str, Any], overwrite: bool) -> None
         new = json.loads(json.dumps(spec, default=str))
         # a setting added after the folder was written held its default there (defaults keep
         # the earlier behaviour), so a spec without it still describes the same numbers
-        old = {**{k: v for k, v in _field_defaults().items() if k in new}, **old}
+        defaults = json.loads(json.dumps(spec_of(EvalSettings()), default=str))
+        old = {**{k: v for k, v in defaults.items() if k in new}, **old}
         if old != new:
             if not overwrite:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

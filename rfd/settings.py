@@ -662,7 +662,7 @@ def validate(s: EvalSettings) -> EvalSettings:
 def _check_together(s: EvalSettings, where: dict[str, str]) -> None:
     """The checks that need several fields: norm vs attacks, eps vs norm, queries vs eot,
     hyperparameters vs the attacks and norm."""
-    from rfd.attacks import ATTACKS, make_attack
+    from rfd.attacks import ATTACKS, check_eps, make_attack
 
     def at(key: str) -> str:
         return f" ({where.get(key, 'default')})"
@@ -677,10 +677,11 @@ def _check_together(s: EvalSettings, where: dict[str, str]) -> None:
                 f"attack {a!r} does not support norm {s.norm!r}; it supports "
                 f"{', '.join(ATTACKS[a].norms)}{at('norm')}"
             )
-    if s.eps is not None and s.norm == "linf" and s.eps >= 1:
-        raise UsageError(
-            f"eps must be < 1 for norm linf: pixels lie in [0, 1] (got {s.eps}){at('eps')}"
-        )
+    if s.eps is not None and s.norm == "linf":  # L2 needs the image size: checked with the model
+        try:
+            check_eps(s.eps, s.norm, ())
+        except ValueError as e:
+            raise UsageError(f"{e}{at('eps')}") from None
     if max(s.queries) < s.eot:
         raise UsageError(
             f"queries: the largest budget ({max(s.queries)}) must be >= eot ({s.eot}), since every "
