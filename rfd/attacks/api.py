@@ -12,7 +12,6 @@ from rfd.attacks.base import (
     ATTACKS,
     CRITERIA,
     NORMS,
-    SUCCESS_RULES,
     Attack,
     AttackResult,
     check_eps,
@@ -109,8 +108,6 @@ def attack(
     atk = make_attack(attack, norm, **attack_kwargs)
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {', '.join(CRITERIA)}")
-    if success not in SUCCESS_RULES:
-        raise ValueError(f"unknown success rule {success!r}; valid: {', '.join(SUCCESS_RULES)}")
     if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
         raise ValueError(f"eot must be an integer >= 1, got {eot!r}")
     if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < eot:
