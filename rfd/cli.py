@@ -113,12 +113,14 @@ class TrainCLI(LightningCLI):
             )
         callbacks = list(kwargs.get("callbacks") or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # a module may name what "best" means (robust accuracy for AT, loss for an autoencoder)
+            monitor, mode = getattr(self.model, "monitor", ("val/acc", "max"))
             callbacks.append(
                 ModelCheckpoint(
                     dirpath=str(run_dir),
                     filename="best",
-                    monitor="val/acc",
-                    mode="max",
+                    monitor=monitor,
+                    mode=mode,
                     save_top_k=1,
                     save_last=True,
                     enable_version_counter=False,
@@ -136,20 +138,42 @@ def make_train_cli(argv: list[str]) -> TrainCLI:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
     # "Seed set to N" would precede a one-line error; the seed is in the saved config.yaml
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    args = resolve_config_args(argv)
+    # A config whose model names a class_path trains that LightningModule (a defense's part: the
+    # MagNet autoencoder, the Defense-GAN generator); the others fine-tune a ClassifierModule.
+    part = _names_model_class(args)
     try:
         return TrainCLI(
-            ClassifierModule,
+            L.LightningModule if part else ClassifierModule,
             L.LightningDataModule,
+            subclass_mode_model=part,
             subclass_mode_data=True,
             run=False,
             save_config_callback=None,
-            args=resolve_config_args(argv),
+            args=args,
             parser_kwargs={"exit_on_error": False},  # raise, so the error becomes one line
         )
     except argparse.ArgumentError as e:
         raise UsageError(one_line_parse_error(str(e))) from None
     except (ValueError, MisconfigurationException) as e:  # a constructor refused a value
         raise UsageError(_constructor_error(e)) from None
+
+
+def _names_model_class(args: list[str]) -> bool:
+    """Whether a ``--config`` file (or ``--model``) gives the model section a ``class_path``."""
+    from rfd.settings import read_yaml_mapping
+
+    found = False
+    for i, a in enumerate(args):
+        path = a.split("=", 1)[1] if a.startswith("--config=") else None
+        if a == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        if path and Path(path).is_file():
+            model = read_yaml_mapping(path, "config").get("model")
+            found = found or (isinstance(model, dict) and "class_path" in model)
+        if a.startswith("--model=") or (a == "--model" and i + 1 < len(args)):
+            found = True
+    return found
 
 
 def _constructor_error(e: Exception) -> str:
@@ -219,14 +243,17 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if cli.config["test_after_fit"]:
         ckpt = str(best) if best.exists() else None
         metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-        result["test_acc"] = float(metrics[0]["test/acc"]) if metrics else None
+        tested = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
+        result["test_acc"] = tested.get("test/acc")
+        result["test"] = tested
     for logger in cli.trainer.loggers:  # close the W&B run so a later one (evaluate) starts fresh
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
     if cli.trainer.is_global_zero:
         result_path.write_text(json.dumps(result, indent=2))
+        tested = " | ".join(f"{k}: {v:.4f}" for k, v in result.get("test", {}).items())
         print(
-            f"training time: {train_s:.1f} s | test accuracy: "
-            f"{result.get('test_acc', float('nan')):.4f} | checkpoint: {result['best_checkpoint']}"
+            f"training time: {train_s:.1f} s | {tested or 'not tested'} | checkpoint: "
+            f"{result['best_checkpoint']}"
         )
     return result

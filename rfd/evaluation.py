@@ -193,7 +193,7 @@ class GridEvaluation(L.LightningModule):
             writer = _Writer(self, cells, clean, defended, which, y, ids)
             try:
                 run = engine.run(cells, x, y, ids=ids, jobs=torch.tensor(jobs, device=x.device),
-                                 on_done=writer.done)  # fmt: skip
+                                 on_done=writer.done, keep_adv=writer.detecting)  # fmt: skip
             except BaseException:  # interrupted: keep every finished job, then stop
                 if writer.run is not None:
                     writer.flush(writer.run)
@@ -227,21 +227,48 @@ class _Writer:
         self.last = time.perf_counter()
         self.sent: list[dict[str, float]] = [{} for _ in cells]
         self.run: EngineRun | None = None
+        # defenses with a detector (MagNet) judge each fooled job's adversarial example, so the
+        # engine keeps the adversarial examples
+        self.detectors = [getattr(type(c.model), "detect", None) is not None for c in cells]
+        self.detecting = any(self.detectors)
 
     def done(self, run: EngineRun, g: Tensor) -> None:
         self.run = run
         cols = [run.cell[g], run.image[g], run.clean_correct[g], run.success[g], run.used[g],
                 run.verify[g], run.fooled_at[g], run.probe[g]]  # fmt: skip
-        for ci, im, cc, ok, q, v, fa, pr in zip(*(c.tolist() for c in cols), strict=True):
+        detected = self._detect(run, g)
+        for k, (ci, im, cc, ok, q, v, fa, pr) in enumerate(
+            zip(*(c.tolist() for c in cols), strict=True)
+        ):
             cell = self.cells[ci]
-            self.pending[cell.name].append({
+            rec = {
                 "index": self.ids[im], "label": self.y[im], "clean_correct": bool(self.clean[im]),
                 "defended_correct": float(self.defended[self.which[ci]][im]),
                 "attack_clean_correct": bool(cc), "success": bool(ok), "queries": q,
                 "verify_queries": v, "fooled_at": fa, "probe_queries": pr,
-            })  # fmt: skip
+            }  # fmt: skip
+            if self.detectors[ci]:
+                rec["detected"] = bool(detected[k])
+            self.pending[cell.name].append(rec)
         if time.perf_counter() - self.last >= FLUSH_SECONDS:
             self.flush(run)
+
+    def _detect(self, run: EngineRun, g: Tensor) -> list[bool]:
+        """Per finished job: its defense's detector flags its adversarial example (fooled jobs
+        under a detecting defense only; False otherwise)."""
+        out = [False] * len(g)
+        if not self.detecting or run.adv is None:
+            return out
+        cells = run.cell[g].tolist()
+        for ci, cell in enumerate(self.cells):
+            pick = [k for k, c in enumerate(cells) if c == ci and self.detectors[ci]]
+            pick = [k for k in pick if bool(run.success[g[k]])]
+            if pick:
+                with torch.no_grad():
+                    flags = cell.model.detect(run.adv[g[pick]]).tolist()
+                for k, f in zip(pick, flags, strict=True):
+                    out[k] = bool(f)
+        return out
 
     def flush(self, run: EngineRun) -> None:
         ev = self.ev

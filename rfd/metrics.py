@@ -13,6 +13,10 @@ the keys of :data:`RECORD_KEYS`:
 - ``queries`` (int): charged queries spent; ``verify_queries`` (int): uncharged majority-vote
   re-queries; ``probe_queries`` (int): uncharged randomness-probe forwards.
 
+Optional (:data:`OPTIONAL_RECORD_KEYS`): ``detected`` (bool), written only under a defense with a
+detector (MagNet): whether the detector flags the image's final adversarial example (False for
+images the attack did not fool).
+
 **Engine statistics** of one cell (:data:`STATS_KEYS`; several add up when a run is resumed, see
 :func:`merge_stats`): ``forwards`` (forwards the cell took part in), ``fill_sum`` (sum over those
 forwards of rows used ÷ batch size), ``rows`` (forward rows the cell used), ``seconds`` (wall
@@ -46,6 +50,7 @@ RECORD_KEYS = (
     "fooled_at",
     "probe_queries",
 )
+OPTIONAL_RECORD_KEYS = ("detected",)
 # Python types of the record values that are not int.
 _RECORD_TYPES = {"clean_correct": bool, "attack_clean_correct": bool, "success": bool,
                  "defended_correct": float}  # fmt: skip
@@ -67,6 +72,10 @@ METRICS: dict[str, str] = {
     "charged_queries": "charged queries spent, all images together",
     "verify_queries": "uncharged majority-vote re-queries, all images together",
     "probe_queries": "uncharged randomness-probe forwards, all images together",
+    "detection_rate": "fooled images whose adversarial example the defense's detector flags ÷ "
+    "fooled images (NaN without a detector)",
+    "robust_acc_detect": "robust accuracy counting a detected adversarial example as defended "
+    "(NaN without a detector)",
     "batch_fill": "mean fraction of the batch rows used in the forwards this cell took part in",
     "queries_per_second": "charged queries per wall second attributed to this cell",
     "seconds": "wall seconds attributed to this cell (its share of rows in each forward)",
@@ -179,6 +188,12 @@ def summarize(
         "verify_queries": int(sum(r["verify_queries"] for r in rows)),
         "probe_queries": int(sum(r.get("probe_queries", 0) for r in rows)),
     }
+    has_detector = bool(rows) and all("detected" in r for r in rows)
+    flagged = sum(bool(r["detected"]) for r in fooled) if has_detector else 0
+    out["detection_rate"] = _ratio(flagged, len(fooled)) if has_detector else math.nan
+    out["robust_acc_detect"] = (
+        _ratio(len(correct) - len(fooled) + flagged, len(rows)) if has_detector else math.nan
+    )
     if stats is not None:
         s = merge_stats([stats] if isinstance(stats, Mapping) else stats)
         out.update(

@@ -168,6 +168,30 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
     return model
 
 
+def load_part(cls: type[Any], checkpoint: str | os.PathLike) -> Any:
+    """A trained defense part (a ``LightningModule`` that ``train.py`` fitted: the MagNet
+    autoencoder, the Defense-GAN generator) from its checkpoint, in eval mode on the CPU.
+
+    Loaded with ``weights_only=True``: the checkpoint's hyperparameters rebuild the module and
+    nothing in the file is executed.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable checkpoint of ``cls``.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        part = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, another module's weights
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise ValueError(
+            f"{path} is not a readable {cls.__name__} checkpoint ({type(e).__name__}: {reason})"
+        ) from e
+    return part.eval()
+
+
 def checkpoint_hparams(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The model hyperparameters stored in a Lightning checkpoint (``{}`` for plain state_dicts)."""
     obj = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)

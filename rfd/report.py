@@ -47,6 +47,15 @@ def defense_title(name: str) -> str:
     return _title(DEFENSES, name)
 
 
+def method_title(defense: str, tag: str | None = None) -> str:
+    """The Method column: the defense's title, joined to the model's training ``tag`` when the
+    model has one (Table 4: an adversarially trained model's rows are "AT", "Feature+AT")."""
+    title = defense_title(defense)
+    if not tag:
+        return title
+    return tag if defense == "none" else f"{title}+{tag}"
+
+
 def _title(registry: Any, name: str) -> str:
     # A registry maps names to classes; rfd.defenses.DEFENSES is still a tuple of names for now.
     cls = registry.get(name) if isinstance(registry, Mapping) else None
@@ -113,9 +122,11 @@ def paper_table(
     header = ["Model", "Method", "Acc"] + [titles[c] for c in columns]
     ref = paper_value if with_paper else _no_paper
     rows: list[list[str]] = []
-    for model, defense in dict.fromkeys((s["model"], s["defense"]) for s in summaries):
-        cells = [s for s in summaries if s["model"] == model and s["defense"] == defense]
-        method = defense_title(defense)
+    keys = dict.fromkeys((s["model"], s.get("tag"), s["defense"]) for s in summaries)
+    for model, tag, defense in keys:
+        cells = [s for s in summaries
+                 if (s["model"], s.get("tag"), s["defense"]) == (model, tag, defense)]  # fmt: skip
+        method = method_title(defense, tag)
         acc = sum(c["defended_clean_acc"] for c in cells) / len(cells)
         row = [model, method, _with_paper(pct(acc), ref(model, method, "Acc"))]
         for a, b in columns:
@@ -155,13 +166,27 @@ def details_lines(summaries: Sequence[dict[str, Any]]) -> list[str]:
     for s in summaries:
         q = "/".join(_number(s[k]) for k in ("mean_queries_success", "median_queries_success"))
         lines.append(
-            f"  {s['model']:>18} {defense_title(s['defense']):>8} {attack_title(s['attack']):>10}: "
+            f"  {s['model']:>18} {method_title(s['defense'], s.get('tag')):>10} "
+            f"{attack_title(s['attack']):>10}: "
             f"fail {_percent(s['failure_rate'])} | q {q} | verify {s['verify_queries']} | "
             f"ν {_nu(s.get('nu'))} | clean {_percent(s['clean_acc'])} → defended "
             f"{_percent(s['defended_clean_acc'])} | fill {_percent(s.get('batch_fill'))} | "
-            f"{_number(s.get('queries_per_second'))} q/s"
+            f"{_number(s.get('queries_per_second'))} q/s" + _extra(s)
         )
     return lines
+
+
+def _extra(s: dict[str, Any]) -> str:
+    """What only some defenses have: a detector's verdicts, a defender's cost above one forward."""
+    out = ""
+    rate = s.get("detection_rate")
+    if isinstance(rate, float) and not math.isnan(rate):
+        out += (f" | detected {_percent(rate)} of fooled → robust+detect "
+                f"{_percent(s.get('robust_acc_detect'))}")  # fmt: skip
+    cost = s.get("defense_forwards_per_query")
+    if isinstance(cost, int | float) and cost != 1:
+        out += f" | defender {cost:g} forwards/query"
+    return out
 
 
 def _percent(x: float | None) -> str:
@@ -246,7 +271,7 @@ def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> d
         "n_images",
         "clean_acc", "defended_clean_acc", "robust_acc", "failure_rate", "mean_queries_success",
         "median_queries_success", "verify_queries", "batch_fill", "queries_per_second", "nu",
-        "layers",
+        "layers", "detection_rate", "robust_acc_detect", "defense_forwards_per_query",
     ]  # fmt: skip
     with paths["csv"].open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -84,7 +84,7 @@ class _ModelGrid:
         from rfd.defenses import DEFENSES, calibrate_report, protect
 
         s, cls, cfg = self.s, DEFENSES[name], defense_config(name)
-        opts = dict(cfg.get("options") or {})
+        opts = {**(cfg.get("options") or {}), **s.defense_params.get(name, {})}
         layers = s.layers if cls.layered else "penultimate"
         nu = s.nu
         if cls.calibrated and nu is None:
@@ -257,8 +257,9 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
     curves: dict[str, dict[str, Any]] = {}
     calib_curves: dict[str, list[tuple[float, float]]] = {}
     t_start = time.perf_counter()
-    for lr, display in zip(runs, displays, strict=True):
+    for m, lr, display in zip(s.models, runs, displays, strict=True):
         eps = _eps(s, lr)
+        tag = m.get("tag")
         grid = _ModelGrid(lr, s, attacks, eps, run_dir)
         n_jobs = len(s.defense) * len(s.attack) * s.n_images
         bar = _Bar(n_jobs, display)
@@ -287,18 +288,20 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
             cal = grid.calibrations.get(cell.defense)
             summary = summarize(records, s.queries, stats)
             summary.update(
-                model=display, defense=cell.defense, attack=cell.attack_name, norm=s.norm,
+                model=display, tag=tag, defense=cell.defense, attack=cell.attack_name, norm=s.norm,
                 eps=eps, criterion=s.criterion, success_rule=s.success, eot=s.eot,
                 max_queries=budget, paper=s.paper,
                 nu=grid.nus.get(cell.defense), layers=s.layers if cal or cell.defense == "feature" else None,
                 calibration=({"target_drop": cal.target_drop, "drop": cal.drop,
                               "drop_std": cal.drop_std, "clean_acc": cal.clean_acc} if cal else None),
-                attack_params=dict(cell.attack.params), bpda=s.bpda, **used_forward,
+                attack_params=dict(cell.attack.params), bpda=s.bpda,
+                defense_params=s.defense_params.get(cell.defense) or None,
+                defense_forwards_per_query=cell.model.forwards_per_query, **used_forward,
             )  # fmt: skip
             summaries.append(summary)
-            curves.setdefault(f"{display} {cell.attack_name}", {})[cell.defense] = robust_curve(
-                records, budget
-            )
+            curves.setdefault(f"{display} {cell.attack_name}", {})[
+                report.method_title(cell.defense, tag)
+            ] = robust_curve(records, budget)
         for name, cal in grid.calibrations.items():
             calib_curves[f"{display} {name}"] = [(nu, cal.clean_acc - d) for nu, d in cal.history]
     if not summaries:

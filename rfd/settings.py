@@ -39,7 +39,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_EVAL = CONFIG_DIR / "eval.yaml"
 WANDB_MODES = ("offline", "online", "disabled")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-MODEL_KEYS = ("config", "checkpoint", "name")
+MODEL_KEYS = ("config", "checkpoint", "name", "tag")
 
 Check = Callable[[Any], Any]
 
@@ -381,36 +381,67 @@ def model_entries(v: Any) -> list[dict[str, str]]:
     return out
 
 
+def _param_overrides(
+    v: Any, names: Sequence[str], what: str, wildcard: bool = True
+) -> dict[str, dict[str, Any]]:
+    """``{name or "*": {key: value}}``, or ``[NAME.]KEY=VALUE`` texts (values read as YAML)."""
+    if v is None:
+        return {}
+    texts = [v] if isinstance(v, str) else v if isinstance(v, list) else None
+    if texts is not None and all(isinstance(x, str) for x in texts):  # from --*-param flags
+        parsed: dict[str, dict[str, Any]] = {}
+        for item in texts:
+            key, sep, value = item.partition("=")
+            name, _, param = key.strip().rpartition(".")
+            if not sep or not param or (not wildcard and not name):
+                form = f"[{what.upper()}.]" if wildcard else f"{what.upper()}."
+                raise BadValue(f"expects {form}KEY=VALUE (got {item!r})")
+            try:
+                parsed.setdefault(name or "*", {})[param] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise BadValue(f"has an unreadable value in {item!r}") from None
+        v = parsed
+    if not isinstance(v, Mapping):
+        raise BadValue(f"must map {what} names (or '*') to {{parameter: value}} (got {v!r})")
+    out = {}
+    for name, params in v.items():
+        if name != "*" and name not in names:
+            valid = ", ".join([*names, "*"] if wildcard else names)
+            raise BadValue(f"names unknown {what} {name!r}; valid: {valid}")
+        if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+            raise BadValue(f"[{name!r}] must map parameter names to values (got {params!r})")
+        out[name] = dict(params)
+    return out
+
+
 def attack_param_overrides(v: Any) -> dict[str, dict[str, Any]]:
     """``{attack or "*": {hyperparameter: value}}``, or ``[ATTACK.]KEY=VALUE`` texts (values read
     as YAML). The hyperparameters themselves are checked against the attack classes once the norm
     is known (:func:`load_eval_settings`)."""
     from rfd.attacks import ATTACKS
 
-    if v is None:
-        return {}
-    texts = [v] if isinstance(v, str) else v if isinstance(v, list) else None
-    if texts is not None and all(isinstance(x, str) for x in texts):  # from --attack-param
-        parsed: dict[str, dict[str, Any]] = {}
-        for item in texts:
-            key, sep, value = item.partition("=")
-            attack, _, param = key.strip().rpartition(".")
-            if not sep or not param:
-                raise BadValue(f"expects [ATTACK.]KEY=VALUE (got {item!r})")
-            try:
-                parsed.setdefault(attack or "*", {})[param] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise BadValue(f"has an unreadable value in {item!r}") from None
-        v = parsed
-    if not isinstance(v, Mapping):
-        raise BadValue(f"must map attack names (or '*') to {{hyperparameter: value}} (got {v!r})")
-    out = {}
-    for attack, params in v.items():
-        if attack != "*" and attack not in ATTACKS:
-            raise BadValue(f"names unknown attack {attack!r}; valid: {', '.join(ATTACKS)}, *")
-        if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
-            raise BadValue(f"[{attack!r}] must map hyperparameter names to values (got {params!r})")
-        out[attack] = dict(params)
+    return _param_overrides(v, list(ATTACKS), "attack")
+
+
+def defense_param_overrides(v: Any) -> dict[str, dict[str, Any]]:
+    """``{defense: {option: value}}`` or ``DEFENSE.KEY=VALUE`` texts: options of the defense's
+    constructor (they override ``configs/defense/<name>.yaml``'s ``options``). Each key must be a
+    keyword the defense's constructor takes; the values are checked by the constructor."""
+    import inspect
+
+    from rfd.defenses import DEFENSES
+
+    out = _param_overrides(v, list(DEFENSES), "defense", wildcard=False)
+    reserved = {"self", "model", "seed", "nu", "layers", "data"}
+    for name, params in out.items():
+        sig = inspect.signature(DEFENSES[name].__init__).parameters
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        allowed = [k for k, prm in sig.items() if k not in reserved and prm.kind in kinds]
+        for key in params:
+            if key not in allowed:
+                raise BadValue(
+                    f"has unknown {name} option {key!r}; allowed: {', '.join(allowed) or 'none'}"
+                )
     return out
 
 
@@ -519,6 +550,12 @@ class EvalSettings:
         "attack that takes it",
         flag="--attack-param", metavar="[ATTACK.]KEY=VALUE",
     )  # fmt: skip
+    defense_params: dict[str, dict[str, Any]] = _setting(
+        {}, defense_param_overrides,
+        "defense option (repeatable), e.g. smoothing.sigma=0.12 or magnet.fpr=0.005; overrides "
+        "configs/defense/<name>.yaml",
+        flag="--defense-param", metavar="DEFENSE.KEY=VALUE",
+    )  # fmt: skip
     paper: bool = _setting(False, boolean, "put the paper's numbers beside ours")
     precision: str | None = _setting(
         None, optional(choice(_precisions)),
@@ -595,7 +632,7 @@ def eval_parser() -> OneLineParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = f.metadata["metavar"] or f.name.upper()
-            if f.name == "attack_params":
+            if f.name in ("attack_params", "defense_params"):
                 kwargs["action"] = "append"
         ap.add_argument(flag, **kwargs)
     return ap
@@ -637,14 +674,13 @@ def load_eval_settings(argv: Sequence[str] | None = None) -> EvalSettings:
     if "nu" in args and "target_drop" in args:
         raise UsageError("give --nu (a fixed noise std) or --target-drop (calibrate nu), not both")
     for key, value in args.items():
-        before = s.attack_params
+        before = getattr(s, key)
         _assign(s, key, value, f"from {_flag(_FIELDS[key])}")
         where[key] = f"from {_flag(_FIELDS[key])}"
-        if key == "attack_params":  # flags add to the file's hyperparameters
-            s.attack_params = {
-                a: {**before.get(a, {}), **s.attack_params.get(a, {})}
-                for a in dict.fromkeys([*before, *s.attack_params])
-            }
+        if key in ("attack_params", "defense_params"):  # flags add to the file's parameters
+            now = getattr(s, key)
+            setattr(s, key, {a: {**before.get(a, {}), **now.get(a, {})}
+                             for a in dict.fromkeys([*before, *now])})  # fmt: skip
     if "nu" in args and s.nu is not None:
         s.target_drop = None  # a fixed nu on the command line replaces calibration
     _check_together(s, where)

@@ -370,3 +370,48 @@ def test_a_resumed_run_continues_its_own_wandb_run(
     evaluate_main(base)  # everything is on disk: a resume that only reports
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({p.name.rsplit("-", 1)[-1] for p in runs}) == 1, runs
+
+
+def test_defense_param_overrides_reach_the_defense_and_the_results(model_args, tmp_path) -> None:
+    from rfd.settings import UsageError, load_eval_settings
+
+    s = load_eval_settings([*model_args, "--defense", "jpeg", "--defense-param", "jpeg.quality=30"])
+    assert s.defense_params == {"jpeg": {"quality": 30}}
+    for bad, match in (("jpeg.qual=3", "unknown jpeg option 'qual'; allowed: quality"),
+                       ("quality=3", "DEFENSE.KEY=VALUE"), ("nope.x=1", "unknown defense")):  # fmt: skip
+        with pytest.raises(UsageError, match=match):
+            load_eval_settings([*model_args, "--defense-param", bad])
+    run_dir = tmp_path / "run"
+    args = [*model_args, "--defense", "jpeg", "--attack", "square", "--n-images", "10",
+            "--queries", "20", "--run-dir", str(run_dir)]  # fmt: skip
+    (cell,) = evaluate_main([*args, "--defense-param", "jpeg.quality=30"])
+    assert cell["defense_params"] == {"quality": 30} and cell["defense_forwards_per_query"] == 1.0
+    # another option value is another experiment: the run folder refuses to mix them
+    assert run_cli(evaluate_main, [*args, "--defense-param", "jpeg.quality=90"]) == 2
+
+
+def test_a_detecting_defense_gets_its_verdict_on_every_fooled_image(model_args, tmp_path) -> None:
+    from rfd.defenses import DEFENSES, Defense
+
+    class FlagAll(Defense):
+        """A detector that flags every image: all fooled images count as detected."""
+
+        name = "flag_all_test"
+        title = "FlagAll"
+
+        def detect(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ones(x.shape[0], dtype=torch.bool)
+
+    try:
+        (cell,) = evaluate_main(
+            [*model_args, "--defense", "flag_all_test", "--attack", "square", "--n-images", "10",
+             "--queries", "200", "--eps", "0.2", "--run-dir", str(tmp_path / "run")]
+        )  # fmt: skip
+    finally:
+        DEFENSES.pop(FlagAll.name)
+    assert cell["success_rate"] > 0  # something was fooled, so the detector had work
+    assert cell["detection_rate"] == 1.0
+    assert cell["robust_acc_detect"] == pytest.approx(cell["attack_clean_acc"])
+    records = [r for p in (tmp_path / "run" / "cells").glob("*/records.*.jsonl")
+               for r in map(json.loads, p.read_text().splitlines())]  # fmt: skip
+    assert records and all(r["detected"] == r["success"] for r in records)

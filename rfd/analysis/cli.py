@@ -54,6 +54,10 @@ SUBCOMMANDS = (
     "first-order",
     "auto-layer",
 )
+# Subcommands that live in their own module (one module per analysis, nothing else to edit):
+# each defines COMMAND, HELP, N_IMAGES, add_arguments(parser) and
+# run(args, loaded, n, meta) -> dict[str, Path] (the files written).
+PLUGINS = ("rfd.analysis.certify", "rfd.analysis.robustify")
 _positive_int = integer(1)
 _positive_float = number(gt=0)
 _fraction = number(gt=0, lt=1)
@@ -150,7 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-drop", type=_fraction, default=0.02, help="equal clean drop")
     p.add_argument("--step", type=_positive_float, help="Linf step (default: attack eps)")
     p.add_argument("--nu-source", choices=("calibrated", "predicted"), default="calibrated")
+    for mod in plugins().values():
+        mod.add_arguments(sub.add_parser(mod.COMMAND, parents=[common], help=mod.HELP))
+    sub.metavar = "{" + ",".join([*SUBCOMMANDS, *plugins()]) + "}"
     return parser
+
+
+def plugins() -> dict[str, Any]:
+    """The subcommand modules of ``PLUGINS`` that exist, by command name."""
+    import importlib
+    import importlib.util
+
+    out = {}
+    for name in PLUGINS:
+        if importlib.util.find_spec(name) is not None:
+            mod = importlib.import_module(name)
+            out[mod.COMMAND] = mod
+    return out
 
 
 def _attack_args(p: argparse.ArgumentParser) -> None:
@@ -237,13 +257,17 @@ def _run(args: argparse.Namespace) -> dict[str, Path]:
     check_writable(args.out, "--out")  # before minutes of work, not after
     loaded = load(args)
     model, dm = loaded.model, loaded.datamodule
+    meta = {"checkpoint": str(loaded.checkpoint), "command": args.command, "seed": args.seed}
+    extra = plugins()
+    if args.command in extra:
+        mod = extra[args.command]
+        return mod.run(args, loaded, args.n_images or mod.N_IMAGES, meta)
     n = args.n_images or N_IMAGES[args.command]
     if args.command == "auto-layer":  # calibration images, never the evaluation subset
         eval_data = dm.calibration_dataloader(n, args.seed, batch_size=args.batch_size)
     else:
         eval_data = dm.eval_dataloader(n, args.seed, batch_size=args.batch_size)
     out = args.out
-    meta = {"checkpoint": str(loaded.checkpoint), "command": args.command, "seed": args.seed}
     files: dict[str, Path] = {}
 
     if args.command == "ratios":

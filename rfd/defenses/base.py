@@ -29,7 +29,7 @@ from rfd.rng import KeyedRNG
 
 DEFENSES: dict[str, type[Defense]] = {}
 DISTRIBUTIONS = ("gaussian", "laplace")
-_ROW_OPS = ("row_input", "row_noise", "row_logits")
+_ROW_OPS = ("row_input", "row_noise", "row_logits", "row_model")
 
 
 def new_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
@@ -79,7 +79,8 @@ class Defense(nn.Module):
         order: position in ``DEFENSES`` (and so in "all" and in tables).
 
     Row operations (override any; the defaults leave rows untouched), see
-    :mod:`rfd.defenses.rows`: ``row_input(x, rng)``, ``row_noise()``, ``row_logits(z)``.
+    :mod:`rfd.defenses.rows`: ``row_input(x, rng)``, ``row_noise()``, ``row_logits(z)``,
+    ``row_model(x, rng, forward)``.
 
     Attributes:
         nu: the noise standard deviation (0 for deterministic defenses).
@@ -180,6 +181,17 @@ class Defense(nn.Module):
     def row_logits(self, z: Tensor) -> Tensor:
         """Post-process logits rows."""
         return z
+
+    def row_model(self, x: Tensor, rng: KeyedRNG, forward: Any) -> Tensor:
+        """Answer rows with any number of calls of ``forward`` (the undefended base model):
+        for defenses that need several base forwards per query (randomized smoothing)."""
+        return forward(x)
+
+    @property
+    def forwards_per_query(self) -> float:
+        """Base-model forwards (or forward-equivalents) the defender spends per query: the
+        defender's cost of answering, reported beside the attacker's queries."""
+        return 1.0
 
     # -- the module ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -12,7 +12,11 @@ A defense takes part by implementing any of (see :class:`rfd.defenses.base.Defen
 
 - ``row_input(x, rng) -> x``: transform input rows (input noise);
 - ``row_noise() -> list[NoiseSpec]``: noise added to named layers' outputs (feature noise);
-- ``row_logits(z) -> z``: post-process logits rows (AAA).
+- ``row_logits(z) -> z``: post-process logits rows (AAA);
+- ``row_model(x, rng, forward) -> z``: answer its rows itself, calling ``forward`` (the undefended
+  base model, any number of rows) as often as it needs: randomized smoothing's n noisy samples per
+  query. Its rows also ride in the shared forward (whose answer is then replaced), which keeps the
+  packing simple at the cost of one extra base forward per query.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ class RowForward:
         self.precision, self.channels_last, self.compile = precision, channels_last, compile
         self.inputs = [p for p, d in enumerate(self.plans) if _has(d, "row_input")]
         self.outputs = [p for p, d in enumerate(self.plans) if _has(d, "row_logits")]
+        self.models = [p for p, d in enumerate(self.plans) if _has(d, "row_model")]
         self.layers: dict[str, list[tuple[int, NoiseSpec]]] = {}
         for p, d in enumerate(self.plans):
             for spec in d.row_noise() if _has(d, "row_noise") else []:
@@ -188,9 +193,29 @@ class RowForward:
                     z = self.plans[p].row_logits(z)
                 elif idx.numel():
                     z[idx] = self.plans[p].row_logits(z[idx])
+            for p in self.models:
+                idx = self.rows_of(p)
+                rows = slice(None) if idx is None else idx
+                if idx is None or idx.numel():
+                    rng = KeyedRNG(keys[rows]).stream("model")
+                    out = self.plans[p].row_model(x[rows], rng, self._plain)
+                    z = out if idx is None else z.index_put((idx,), out.to(z.dtype))
             return z
         finally:
             self._call = None
+
+    def _plain(self, x: Tensor) -> Tensor:
+        """The base model alone on ``x`` (no row's noise hooks), in this executor's precision:
+        what a ``row_model`` defense calls for its own samples."""
+        call, self._call = self._call, None
+        try:
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with precision_context(self.precision, x.device):
+                z = self._model(x)
+            return z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
+        finally:
+            self._call = call
 
     def _input(self, p: int, x: Tensor, rng: KeyedRNG, bpda: bool) -> Tensor:
         plan = self.plans[p]
