@@ -7,6 +7,8 @@ The public API (kept stable; the project's checks call it)::
     net = rfd.protect(model, defense="feature", layers="penultimate", nu=0.5)
     nu = rfd.calibrate(model, defense="feature", layers="penultimate", data=loader, target_drop=0.02)
     res = rfd.attack(net, images, labels, attack="square", norm="linf", eps=0.05, max_queries=1000)
+    pred, radius = rfd.certify(model, images, sigma=0.25, n0=100, n=1000, alpha=0.001)
+    x_released = rfd.robustify(model, images, delta=0.03, eps=0.03)
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ __all__ = [
     "ImageClassifier",
     "attack",
     "calibrate",
+    "certify",
     "create_model",
     "feature_layers",
     "protect",
     "resolve_layer",
+    "robustify",
 ]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
     # Defenses and attacks import lazily so `import rfd` stays cheap for the CLI's --help.
-    if name in ("protect", "calibrate"):
+    if name in ("protect", "calibrate", "certify", "robustify"):
         from rfd import defenses
 
         return getattr(defenses, name)

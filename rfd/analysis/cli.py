@@ -9,6 +9,8 @@ Subcommands (each writes ``<out>/<name>.{md,csv,json,png}`` and prints the table
     strength-sweep  robust accuracy over the attacker's probe size, input vs feature (Table 3)
     first-order     first-order approximation error (Figure 3)
     auto-layer      the layer layers="auto" picks, with every layer's score
+    certify         randomized smoothing: certified accuracy vs L2 radius (Cohen et al. 2019)
+    robustify       preemptive robustification (Moon et al. 2022) vs white-box PGD/APGD
 
 The model and its data come from :func:`rfd.runs.load_run`: ``--config NAME`` (a training config;
 its checkpoint ``runs/<run_name>/best.ckpt`` unless ``--checkpoint``), ``--checkpoint PATH`` alone

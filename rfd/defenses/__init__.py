@@ -28,6 +28,7 @@ from rfd.defenses.api import calibrate, calibrate_report, protect  # noqa: E402
 from rfd.defenses.calibration import Calibration, default_cache_dir  # noqa: E402
 from rfd.defenses.callback import NoiseDefense  # noqa: E402
 from rfd.defenses.noise import FeatureNoise, InputNoise, channel_std  # noqa: E402
+from rfd.defenses.robustify import robustify  # noqa: E402
 from rfd.defenses.rows import PRECISIONS, NoiseSpec, RowForward  # noqa: E402
 
 __all__ = [
@@ -49,4 +50,5 @@ __all__ = [
     "channel_std",
     "default_cache_dir",
     "protect",
+    "robustify",
 ]
