@@ -30,6 +30,7 @@ from rfd.defenses.callback import NoiseDefense  # noqa: E402
 from rfd.defenses.noise import FeatureNoise, InputNoise, channel_std  # noqa: E402
 from rfd.defenses.robustify import robustify  # noqa: E402
 from rfd.defenses.rows import PRECISIONS, NoiseSpec, RowForward  # noqa: E402
+from rfd.defenses.smoothing import certify  # noqa: E402
 
 __all__ = [
     "AAA",
@@ -47,6 +48,7 @@ __all__ = [
     "aaa_logits",
     "calibrate",
     "calibrate_report",
+    "certify",
     "channel_std",
     "default_cache_dir",
     "protect",
