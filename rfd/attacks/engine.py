@@ -312,6 +312,9 @@ class EngineRun:
         self.slot = torch.full_like(z, -1)
         self.adv = images[self.image].clone() if keep_adv else None
         self.stats = [CellStats() for _ in cells]
+        # a row's share of a forward's time: its defense's base forwards per query (randomized
+        # smoothing answers each row with n + 1), so a cheap cell is not billed for a costly one
+        self.row_cost = [float(getattr(c.model, "forwards_per_query", 1.0)) for c in cells]
         self._setup_cells()
         self.job_lane = self._cell_lane[self.cell]
         self.job_label = self.labels[self.image]
@@ -870,13 +873,15 @@ class EngineRun:
                 progressed = True
                 dt = time.perf_counter() - t0  # selection, proposals, forward and processing
                 rows = int(counts.sum())
+                weight = [k * self.row_cost[ci] for ci, k in enumerate(counts.tolist())]
+                total_weight = sum(weight)
                 for ci, k in enumerate(counts.tolist()):
                     if k:
                         st = self.stats[ci]
                         st.forwards += 1
                         st.fill_sum += rows / c
                         st.rows += k
-                        st.seconds += dt * k / rows
+                        st.seconds += dt * weight[ci] / total_weight
             if not progressed and self.n_done < total and self.next_job >= total:
                 raise RuntimeError("engine stalled: jobs are left but none can run")
             if self._done_batch and on_done is not None:
