@@ -405,7 +405,7 @@ def _param_overrides(
         raise BadValue(f"must map {what} names (or '*') to {{parameter: value}} (got {v!r})")
     out = {}
     for name, params in v.items():
-        if name != "*" and name not in names:
+        if (name != "*" or not wildcard) and name not in names:
             valid = ", ".join([*names, "*"] if wildcard else names)
             raise BadValue(f"names unknown {what} {name!r}; valid: {valid}")
         if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):

@@ -193,6 +193,11 @@ def _fast(defense: str, x: torch.Tensor | None = None) -> dict:
         from rfd.defenses.magnet import Autoencoder
 
         return {"autoencoder": Autoencoder(x.shape[1]), "threshold": 1.0}
+    if defense == "defensegan":  # an untrained generator of the queries' shape, a short search
+        from rfd.defenses.defensegan import Generator
+
+        gen = Generator(latent_dim=8, width=4, in_chans=x.shape[1], img_size=x.shape[-1])
+        return {"generator": gen, "restarts": 2, "steps": 2}
     return {"steps": 10} if defense == "aaa" else {}
 
 

@@ -40,8 +40,18 @@ def test_robust_accuracy_is_read_from_the_trajectory_with_inclusive_budgets() ->
     assert math.isnan(at([], 100))
 
 
+def test_detector_verdicts_count_detected_adversarial_examples_as_defended() -> None:
+    flagged = [dict(r, detected=bool(r["success"] and r["index"] == 1)) for r in RECORDS]
+    s = summarize(flagged, [1000])
+    fooled = sum(bool(r["attack_clean_correct"] and r["success"]) for r in RECORDS)
+    assert s["detection_rate"] == pytest.approx(1 / fooled)
+    assert s["robust_acc_detect"] == pytest.approx(s["robust_acc"] + 1 / len(RECORDS))
+
+
 def test_summarize_names_and_values() -> None:
     s = summarize(RECORDS + [rec(0, False, False, -1, 5)], [100, 1000])  # duplicate: first wins
+    # no detector (no record has "detected"): its two metrics are NaN
+    assert math.isnan(s.pop("detection_rate")) and math.isnan(s.pop("robust_acc_detect"))
     assert s == {
         "n_images": 4,
         "clean_acc": pytest.approx(0.75),
