@@ -122,9 +122,14 @@ class TrainCLI(LightningCLI):
                     monitor=monitor,
                     mode=mode,
                     save_top_k=1,
-                    save_last=True,
                     enable_version_counter=False,
                 )
+            )
+            # last.ckpt from its own callback: with save_last=True on the monitored one, Lightning
+            # 2.6 rewrote last.ckpt only in epochs that improved best.ckpt (a Defense-GAN run
+            # ended at epoch 5 with last.ckpt at epoch 4), so a resume would repeat epochs
+            callbacks.append(
+                ModelCheckpoint(dirpath=str(run_dir), filename="last", enable_version_counter=False)
             )
         if kwargs["logger"] and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))

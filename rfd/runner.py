@@ -28,6 +28,7 @@ from rfd.settings import (
     attack_params_for,
     check_machine,
     check_writable,
+    first_line,
     load_eval_settings,
     read_yaml_mapping,
     spec_hash,
@@ -149,6 +150,24 @@ def _check_models(s: EvalSettings, runs: list[LoadedRun]) -> None:
             check_eps(eps, s.norm, tuple(dm.test_set[0][0].shape))
         except ValueError as e:
             raise UsageError(f"{e} (--eps)") from None
+        _check_defense_options(s, lr)
+
+
+def _check_defense_options(s: EvalSettings, lr: LoadedRun) -> None:
+    """Build each defense that needs no data once with its options (and nu 0), so a bad option or
+    a missing trained part is refused before the run folder is written, not minutes later."""
+    from rfd.defenses import DEFENSES, protect
+
+    for name in s.defense:
+        cls = DEFENSES[name]
+        opts = {**(defense_config(name).get("options") or {}), **s.defense_params.get(name, {})}
+        if cls.needs_data(s.layers if cls.layered else None, opts) or s.layers == "auto":
+            continue
+        layers = s.layers if cls.layered else "penultimate"
+        try:
+            protect(lr.model, name, layers=layers, nu=0.0, seed=s.seed, **opts).remove()
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise UsageError(f"defense {name}: {first_line(e)}") from None
 
 
 def _eps(s: EvalSettings, lr: LoadedRun) -> float:

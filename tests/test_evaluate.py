@@ -388,6 +388,10 @@ def test_defense_param_overrides_reach_the_defense_and_the_results(model_args, t
     assert cell["defense_params"] == {"quality": 30} and cell["defense_forwards_per_query"] == 1.0
     # another option value is another experiment: the run folder refuses to mix them
     assert run_cli(evaluate_main, [*args, "--defense-param", "jpeg.quality=90"]) == 2
+    # a value the defense refuses is caught before the run folder is written
+    fresh = tmp_path / "fresh"
+    bad = [*args[:-1], str(fresh), "--defense-param", "jpeg.quality=0"]
+    assert run_cli(evaluate_main, bad) == 2 and not fresh.exists()
 
 
 def test_a_detecting_defense_gets_its_verdict_on_every_fooled_image(model_args, tmp_path) -> None:
