@@ -201,19 +201,25 @@ def _fast(defense: str, x: torch.Tensor | None = None) -> dict:
     return {"steps": 10} if defense == "aaa" else {}
 
 
-@pytest.mark.parametrize("defense", ["feature", "input"])
+@pytest.mark.parametrize("defense", DEFENSES)
 def test_fixed_seed_reproduces_and_ignores_the_global_rng(fam: Family, defense: str) -> None:
+    opts = _fast(defense, fam.x)
+    if defense == "smoothing":
+        opts = {"n": 8}
     with torch.no_grad():
         torch.manual_seed(0)
-        a = protect(fam.model, defense, nu=0.2, seed=7)(fam.x)
+        a = protect(fam.model, defense, nu=0.2, seed=7, **opts)(fam.x)
         torch.manual_seed(12345)  # an attacker reseeding the global RNG must not matter
         state = torch.get_rng_state()
-        net = protect(fam.model, defense, nu=0.2, seed=7)
+        net = protect(fam.model, defense, nu=0.2, seed=7, **opts)
         b = net(fam.x)
         assert torch.equal(torch.get_rng_state(), state), "defense noise consumed the global RNG"
-        c = protect(fam.model, defense, nu=0.2, seed=8)(fam.x)
+        c = protect(fam.model, defense, nu=0.2, seed=8, **opts)(fam.x)
     assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    # another seed, other noise (smoothing's vote shares on these untrained models are unanimous,
+    # whatever the noise: tests/test_smoothing.py checks its seeding on a model with close votes)
+    if net.randomized and defense != "smoothing":
+        assert not torch.equal(a, c)
     assert net.generator.device == next(fam.model.parameters()).device
 
 
