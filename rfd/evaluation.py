@@ -259,11 +259,10 @@ class _Writer:
         out = [False] * len(g)
         if not self.detecting or run.adv is None:
             return out
-        cells = run.cell[g].tolist()
+        cells, fooled = run.cell[g].tolist(), run.success[g].tolist()
         for ci, cell in enumerate(self.cells):
-            pick = [k for k, c in enumerate(cells) if c == ci and self.detectors[ci]]
-            pick = [k for k in pick if bool(run.success[g[k]])]
-            if pick:
+            pick = [k for k, c in enumerate(cells) if c == ci and fooled[k]]
+            if pick and self.detectors[ci]:
                 with torch.no_grad():
                     flags = cell.model.detect(run.adv[g[pick]]).tolist()
                 for k, f in zip(pick, flags, strict=True):

@@ -168,20 +168,32 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
     return model
 
 
-def load_part(cls: type[Any], checkpoint: str | os.PathLike) -> Any:
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_part(cls: type[Any], checkpoint: str | os.PathLike, train_hint: str | None = None) -> Any:
     """A trained defense part (a ``LightningModule`` that ``train.py`` fitted: the MagNet
     autoencoder, the Defense-GAN generator) from its checkpoint, in eval mode on the CPU.
 
     Loaded with ``weights_only=True``: the checkpoint's hyperparameters rebuild the module and
-    nothing in the file is executed.
+    nothing in the file is executed. A relative path missing from the working directory is also
+    tried from the repository root, where the defenses' default ``runs/<name>/best.ckpt`` live.
+
+    Args:
+        cls: the LightningModule class the checkpoint was trained as.
+        checkpoint: the ``.ckpt`` file.
+        train_hint: the command that makes the part, named in the error when it is missing.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a readable checkpoint of ``cls``.
     """
     path = Path(checkpoint)
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        hint = f"; train it with `{train_hint}`" if train_hint else ""
+        raise FileNotFoundError(f"{cls.__name__} checkpoint not found: {path}{hint}")
     try:
         part = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, another module's weights

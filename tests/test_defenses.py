@@ -446,7 +446,9 @@ class _Probe(L.LightningModule):
         return self._probe(batch[0])
 
 
-def _trainer(**kw) -> L.Trainer:
+def quiet_trainer(**kw) -> L.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary (also used by other
+    test modules)."""
     return L.Trainer(
         accelerator="cpu",
         logger=False,
@@ -467,8 +469,8 @@ def test_callback_attaches_around_test_and_predict_then_detaches() -> None:
     )
     probe = _Probe(model)
     cb = NoiseDefense(defense="feature", nu=0.5, seed=0)
-    _trainer(callbacks=[cb]).test(probe, dataloaders=loader, verbose=False)
-    _trainer(callbacks=[cb]).predict(probe, dataloaders=loader)
+    quiet_trainer(callbacks=[cb]).test(probe, dataloaders=loader, verbose=False)
+    quiet_trainer(callbacks=[cb]).predict(probe, dataloaders=loader)
     assert probe.seen == [(True, True)] * 4
     assert probe.model is model and _no_hooks(model) and cb.defended is None
     with torch.no_grad():
@@ -480,7 +482,7 @@ def test_callback_calibrates_from_the_datamodule(trained_fmnist, calibration_cac
     cb = NoiseDefense(
         defense="feature", target_drop=0.02, n_calibration=500, cache_dir=str(calibration_cache)
     )
-    _trainer(callbacks=[cb], limit_test_batches=1).test(
+    quiet_trainer(callbacks=[cb], limit_test_batches=1).test(
         probe, datamodule=trained_fmnist.datamodule, verbose=False
     )
     assert cb.calibration is not None and cb.calibration.n_samples == 500

@@ -7,10 +7,10 @@ import inspect
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
+from test_defenses import quiet_trainer
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,18 +23,6 @@ from rfd.models import load_part
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _trainer(tmp: Path | None = None, **kw: object) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp,
-        **kw,
-    )
-
-
 def _images(loader: DataLoader) -> torch.Tensor:
     return torch.cat([b[0] for b in loader])
 
@@ -45,7 +33,9 @@ def fmnist_ae(fmnist_dm) -> nn.Module:
     torch.manual_seed(0)
     x = torch.stack([fmnist_dm.train_set[i][0] for i in range(2048)])
     module = AutoencoderModule(channels=1, lr=0.03)
-    _trainer(max_steps=120).fit(module, DataLoader(TensorDataset(x), batch_size=64, shuffle=True))
+    quiet_trainer(max_steps=120).fit(
+        module, DataLoader(TensorDataset(x), batch_size=64, shuffle=True)
+    )
     return module.net.eval()
 
 
@@ -150,7 +140,7 @@ def test_autoencoder_module_learns_and_round_trips_through_a_checkpoint(tmp_path
     module = AutoencoderModule(channels=1, lr=0.02)
     assert module.monitor == ("val/loss", "min")
     before = F.mse_loss(module(x), x).item()
-    trainer = _trainer(tmp_path, max_steps=30)
+    trainer = quiet_trainer(default_root_dir=tmp_path, max_steps=30)
     trainer.fit(module, loader, loader)
     after = F.mse_loss(module(x), x).item()
     assert after < 0.9 * before, f"loss {before:.4f} -> {after:.4f}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,26 +23,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rfd.defenses.base import Defense
+from rfd.defenses.base import Defense, check_int, check_positive
 from rfd.models import eval_mode, load_part, model_device
 from rfd.rng import KeyedRNG, row_keys
 
 DEFAULT_CHECKPOINT = "runs/fmnist_defensegan/best.ckpt"
 TRAIN_HINT = "python train.py --config fmnist_defensegan"
-_REPO = Path(__file__).resolve().parents[2]
 CHUNK = 128  # latent rows per descent (see project)
-
-
-def _int(name: str, v: Any, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-    return v
-
-
-def _positive(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return float(v)
 
 
 class Generator(nn.Module):
@@ -162,11 +148,19 @@ class GANModule(L.LightningModule):
                  image_size: int = 28, lr: float = 2e-4, val_restarts: int = 1,
                  val_steps: int = 30, val_lr: float = 0.05) -> None:  # fmt: skip
         super().__init__()
-        _int("latent_dim", latent_dim, 1), _int("width", width, 1), _int("in_chans", in_chans, 1)
-        if _int("image_size", image_size, 4) % 4:
+        (
+            check_int(latent_dim, "latent_dim", 1),
+            check_int(width, "width", 1),
+            check_int(in_chans, "in_chans", 1),
+        )
+        if check_int(image_size, "image_size", 4) % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
-        _positive("lr", lr), _int("val_restarts", val_restarts, 1), _int("val_steps", val_steps, 0)
-        _positive("val_lr", val_lr)
+        (
+            check_positive(lr, "lr"),
+            check_int(val_restarts, "val_restarts", 1),
+            check_int(val_steps, "val_steps", 0),
+        )
+        check_positive(val_lr, "val_lr")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.generator = Generator(latent_dim, width, in_chans, image_size)
@@ -214,12 +208,7 @@ class GANModule(L.LightningModule):
 def load_generator(path: str | os.PathLike) -> Generator:
     """The trained generator of a ``GANModule`` checkpoint (relative paths also tried from the
     repository root), frozen, in eval mode on the CPU."""
-    p = Path(path)
-    if not p.is_file() and not p.is_absolute() and (_REPO / p).is_file():
-        p = _REPO / p
-    if not p.is_file():
-        raise FileNotFoundError(f"Defense-GAN generator {path} not found: run `{TRAIN_HINT}`")
-    gen = load_part(GANModule, p).generator
+    gen = load_part(GANModule, path, TRAIN_HINT).generator
     return gen.requires_grad_(False).eval()
 
 
@@ -246,8 +235,8 @@ class DefenseGAN(Defense):
                  generator: str | os.PathLike | nn.Module = DEFAULT_CHECKPOINT, restarts: int = 10,
                  steps: int = 200, lr: float = 0.5) -> None:  # fmt: skip
         super().__init__(model, seed)
-        self.restarts, self.steps = _int("restarts", restarts, 1), _int("steps", steps, 1)
-        self.lr = _positive("lr", lr)
+        self.restarts, self.steps = check_int(restarts, "restarts", 1), check_int(steps, "steps", 1)
+        self.lr = check_positive(lr, "lr")
         if isinstance(generator, (str, os.PathLike)):
             generator = load_generator(generator)
         if not isinstance(generator, nn.Module):

@@ -24,10 +24,8 @@ white-box robustness as the lower of the two.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -35,24 +33,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rfd.defenses.base import Defense
+from rfd.defenses.base import Defense, check_positive
 from rfd.models import eval_mode, input_channels, load_part, model_device
 from rfd.rng import KeyedRNG
 
 DEFAULT_CHECKPOINT = "runs/fmnist_magnet/best.ckpt"
 TRAIN_HINT = "python train.py --config fmnist_magnet"
 NORMS = (1, 2)
-_REPO = Path(__file__).resolve().parents[2]
-
-
-def _check_number(name: str, value: Any, positive: bool = False) -> float:
-    """A finite real >= 0 (> 0 with ``positive``) as a float; raise a one-line ``ValueError``."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise ValueError(
-            f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}"
-        )
-    return float(value)
 
 
 def _images(batch: Any) -> Tensor:
@@ -117,9 +104,9 @@ class AutoencoderModule(L.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_number("noise", noise)
-        _check_number("weight_decay", weight_decay)
-        _check_number("lr", lr, positive=True)
+        check_positive(noise, "noise", allow_zero=True)
+        check_positive(weight_decay, "weight_decay", allow_zero=True)
+        check_positive(lr, "lr")
         self.save_hyperparameters()
         self.net = Autoencoder(channels, hidden)
 
@@ -162,15 +149,7 @@ def load_autoencoder(source: nn.Module | str | os.PathLike) -> nn.Module:
         raise ValueError(
             f"magnet autoencoder must be a checkpoint path or an nn.Module, got {source!r}"
         )
-    path = Path(source)
-    if not path.is_file() and not path.is_absolute() and (_REPO / path).is_file():
-        path = _REPO / path  # the default names a run folder of the repository
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"MagNet autoencoder checkpoint not found: {path}; train it with `{TRAIN_HINT}`"
-        )
-    part = load_part(AutoencoderModule, path)
-    return part.net.requires_grad_(False)
+    return load_part(AutoencoderModule, source, TRAIN_HINT).net.requires_grad_(False)
 
 
 class MagNet(Defense):
@@ -221,7 +200,7 @@ class MagNet(Defense):
         if isinstance(norm, bool) or norm not in NORMS:
             raise ValueError(f"magnet norm must be 1 or 2, got {norm!r}")
         if threshold is not None:
-            threshold = _check_number("magnet threshold", threshold)
+            threshold = check_positive(threshold, "magnet threshold", allow_zero=True)
         elif data is None:
             raise ValueError(
                 "magnet needs data=<clean calibration loader> to set its detector threshold "

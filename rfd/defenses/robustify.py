@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from rfd.defenses.base import check_int
 from rfd.models import check_inputs, check_logits, eval_mode, model_device
 from rfd.rng import KeyedRNG, row_keys
 
@@ -49,12 +50,6 @@ def _radius(value: Any, name: str) -> float:
             f"{name} must be a number in (0, 1] (Linf, pixels in [0, 1]), got {value!r}"
         )
     return float(value)
-
-
-def _count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def _inner_pgd(
@@ -132,8 +127,8 @@ def robustify(
             batch size or ids, or images/labels the model cannot take.
     """
     delta, eps = _radius(delta, "delta"), _radius(eps, "eps")
-    steps, inner_steps = _count(steps, "steps"), _count(inner_steps, "inner_steps")
-    batch_size = _count(batch_size, "batch_size")
+    steps, inner_steps = check_int(steps, "steps"), check_int(inner_steps, "inner_steps")
+    batch_size = check_int(batch_size, "batch_size")
     if step_size is None:
         step_size = 2.5 * delta / steps
     elif (

@@ -26,27 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rfd.defenses.base import Defense
+from rfd.defenses.base import Defense, check_int, check_positive
 from rfd.models import eval_mode, model_device
 from rfd.rng import KeyedRNG, row_keys
 
 ABSTAIN = -1
 Forward = Callable[[Tensor], Tensor]
-
-
-def check_sigma(sigma: object) -> float:
-    """A finite noise std > 0 as a float; ``ValueError`` otherwise."""
-    ok = not isinstance(sigma, bool) and isinstance(sigma, (int, float))
-    if not ok or not math.isfinite(sigma) or sigma <= 0:  # type: ignore[arg-type]
-        raise ValueError(f"smoothing sigma must be a finite number > 0, got {sigma!r}")
-    return float(sigma)  # type: ignore[arg-type]
-
-
-def check_count(value: object, what: str) -> int:
-    """An integer >= 1; ``ValueError`` otherwise (bools and floats are refused, not truncated)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"smoothing {what} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def _check_alpha(alpha: float) -> float:
@@ -181,9 +166,13 @@ def predict(
     Returns:
         (B,) int64 class indices, -1 for abstentions.
     """
-    sigma, n, alpha = check_sigma(sigma), check_count(n, "n"), _check_alpha(alpha)
+    sigma, n, alpha = (
+        check_positive(sigma, "smoothing sigma"),
+        check_int(n, "smoothing n"),
+        _check_alpha(alpha),
+    )
     counts = _counts(
-        model, images, sigma, n, check_count(batch_size, "batch_size"), seed, "predict", ids
+        model, images, sigma, n, check_int(batch_size, "smoothing batch_size"), seed, "predict", ids
     ).cpu()
     top2 = counts.topk(min(2, counts.shape[1]), dim=1)
     n_a = top2.values[:, 0]
@@ -214,8 +203,12 @@ def certify(
     Returns:
         ``(prediction, radius)``: (B,) int64 with -1 for abstain, (B,) float32 radii.
     """
-    sigma, alpha = check_sigma(sigma), _check_alpha(alpha)
-    n0, n, bs = check_count(n0, "n0"), check_count(n, "n"), check_count(batch_size, "batch_size")
+    sigma, alpha = check_positive(sigma, "smoothing sigma"), _check_alpha(alpha)
+    n0, n, bs = (
+        check_int(n0, "smoothing n0"),
+        check_int(n, "smoothing n"),
+        check_int(batch_size, "smoothing batch_size"),
+    )
     select = _counts(model, images, sigma, n0, bs, seed, "select", ids).cpu()
     c_a = select.argmax(1)
     counts = _counts(model, images, sigma, n, bs, seed, "estimate", ids).cpu()
@@ -260,9 +253,9 @@ class Smoothing(Defense):
         batch_size: int = 1000,
     ) -> None:
         super().__init__(model, seed)
-        self.sigma = check_sigma(sigma)
-        self.n = check_count(n, "n")
-        self.batch_size = check_count(batch_size, "batch_size")
+        self.sigma = check_positive(sigma, "smoothing sigma")
+        self.n = check_int(n, "smoothing n")
+        self.batch_size = check_int(batch_size, "smoothing batch_size")
         self.layers = ["input"]
 
     @property
