@@ -85,6 +85,35 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc's allocator keep freed memory for reuse instead of returning it to the OS.
+
+    By default glibc hands large freed blocks back (``munmap`` or a heap trim) and the next
+    allocation of the same size faults its pages in again. A CPU forward allocates and frees the
+    same activation buffers every batch, so on the embedded default a third of the process's CPU
+    time went to the kernel zeroing pages. Keeping freed memory (mmap threshold at its 32 MiB
+    maximum, no trimming below 1 GiB of free heap) made the forward 25% faster and the whole
+    grid about as much (``make bench``). The price is resident memory that stays at its peak,
+    which a long-running evaluation reaches anyway. PyTorch's CPU tuning guide gets the same
+    effect by preloading jemalloc or tcmalloc, which a running process cannot do.
+
+    Returns:
+        Whether the settings were applied (False off glibc, e.g. macOS, musl or Windows).
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run ``main(argv)``; bad input becomes one ``error:`` line on stderr and exit status 2.
 
@@ -96,6 +125,7 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     """
     import signal
 
+    keep_freed_memory()
     handlers = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
