@@ -34,6 +34,7 @@ import torch
 import rfd
 from rfd.attacks import Cell, Engine, make_attack
 from rfd.defenses import calibrate, protect
+from rfd.settings import keep_freed_memory
 
 DEFAULT_CKPT = Path("runs/fmnist_default/best.ckpt")
 
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--probe-every", type=int, default=100, help="forwards between plain timings")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as every front end does (rfd.settings.run_cli)
     if args.threads:
         torch.set_num_threads(args.threads)
     fw = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}

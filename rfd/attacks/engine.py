@@ -210,10 +210,6 @@ class _Chunk:
         return self.x.shape[0]
 
 
-def _rows(state: State, idx: Tensor) -> State:
-    return {k: t[idx] for k, t in state.items()}
-
-
 class Engine:
     """Runs jobs of many cells to completion through shared, full forward batches.
 
@@ -437,12 +433,12 @@ class EngineRun:
         if len(self.lanes) == 1:
             return [(self.lanes[0], g)]
         li = self.job_lane[g]
-        out = []
-        for k, lane in enumerate(self.lanes):
-            sub = g[li == k]
-            if sub.numel():
-                out.append((lane, sub))
-        return out
+        counts = torch.bincount(li, minlength=len(self.lanes)).tolist()
+        present = [k for k, n in enumerate(counts) if n]
+        if len(present) == 1:  # the common case: selection is lane-major
+            return [(self.lanes[present[0]], g)]
+        parts = g[torch.argsort(li, stable=True)].split(counts)
+        return [(self.lanes[k], parts[k]) for k in present]
 
     def _reduce(self, lane: _Lane, raw: Tensor) -> tuple[Tensor, Tensor]:
         """(Q, M, K) logits -> (EOT-mean logits, label): mean for scores, majority for labels."""
@@ -499,21 +495,27 @@ class EngineRun:
         self._done_batch.append(g)
 
     def _end_or_continue(
-        self, lane: _Lane, g: Tensor, view: View | None, state: State | None
-    ) -> None:
-        """After a step: finish the jobs that cannot pay another step or say they are done."""
+        self, lane: _Lane, g: Tensor, view: View | None, state: State | None,
+        rows: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """After a step: finish the jobs that cannot pay another step or say they are done.
+        ``rows`` picks the jobs ``g`` are out of a larger ``view`` and ``state`` (default: all)."""
         if g.numel() == 0:
             return
         self.busy[g] = False
         rem = (lane.budget - self.used[g]) // lane.eot
         end = rem < lane.attack.min_queries
         if state is not None and "done" in state:
-            end |= state["done"].bool()
+            done = state["done"] if rows is None else state["done"][rows]
+            end |= done.bool()
         if bool(end.any()):
             idx = end.nonzero()[:, 0]
             if self.adv is not None and state is not None:
-                v = view.subset(idx) if view is not None else self._view(lane, g[idx])
-                sub = {k: t[idx] for k, t in state.items()}
+                if view is None:  # back from a vote: the state observed then is in the slots
+                    v, sub = self._view(lane, g[idx]), lane.read(self.slot[g[idx]])
+                else:
+                    at = idx if rows is None else rows[idx]
+                    v, sub = view.subset(at), {k: t[at] for k, t in state.items()}
                 self.adv[g[idx]] = v.project(lane.attack.best(v, sub))
             self._finish(g[idx])
 
@@ -623,9 +625,11 @@ class EngineRun:
                 self._end_or_continue(lane, g[back], None, None)
             else:
                 self._succeed(g[ok], ch.extra["points"][ok], ch.extra["fooled_at"][ok])
-                if back.numel():
-                    view, reply = ch.extra["view"].subset(back), ch.extra["reply"].rows(back)
-                    self._observe(lane, g[back], view, reply, _rows(ch.extra["state"], back))
+                # not confirmed: the step's answers were observed with the rest of its chunk
+                # (the state is in the slots); the job goes on or ends as any other would
+                done = ch.extra["done"]
+                back_state = {} if done is None else {"done": done[back]}
+                self._end_or_continue(lane, g[back], None, back_state)
 
     def _process_clean(self, ch: _Chunk, y: Tensor) -> None:
         lane, g = ch.lane, ch.jobs
@@ -694,8 +698,13 @@ class EngineRun:
             if incumbent is not None:  # the published rule: only a query that is also accepted
                 fooled = fooled & (reply.margin < incumbent.unsqueeze(1))
         hit = fooled.any(1)
+        # every job observes its answers now, fooled ones included: a fooled job waiting for its
+        # vote would observe exactly these answers if the vote failed, and one observation of
+        # the whole chunk avoids gathering its state, view and answers into two subsets
+        state = lane.attack.observe(view, ch.extra["state"], reply)
+        lane.write(self.slot[g], state)
         if not bool(hit.any()):
-            self._observe(lane, g, view, reply, ch.extra["state"])
+            self._end_or_continue(lane, g, view, state)
             return
         h, miss = hit.nonzero()[:, 0], (~hit).nonzero()[:, 0]
         first = fooled[h].int().argmax(1)  # argmax returns the first fooling query of the step
@@ -704,20 +713,12 @@ class EngineRun:
         if lane.criterion == "vote":
             self.phase[g[h]] = VOTE
             qnum = used_before[h] // m + first + 1
-            extra = {"fooled_at": fooled_at, "view": view.subset(h), "reply": reply.rows(h),
-                     "state": _rows(ch.extra["state"], h)}  # fmt: skip
+            done = state["done"][h] if "done" in state else None
+            extra = {"fooled_at": fooled_at, "done": done}
             self._enqueue(self._vote_chunk("vote-step", lane, g[h], pts, qnum, extra))
         else:
             self._succeed(g[h], pts, fooled_at)
-        if miss.numel():
-            self._observe(
-                lane, g[miss], view.subset(miss), reply.rows(miss), _rows(ch.extra["state"], miss)
-            )
-
-    def _observe(self, lane: _Lane, g: Tensor, view: View, reply: Reply, state: State) -> None:
-        state = lane.attack.observe(view, state, reply)
-        lane.write(self.slot[g], state)
-        self._end_or_continue(lane, g, view, state)
+        self._end_or_continue(lane, g[miss], view, state, rows=miss)
 
     def _mark_randomized(self, ci: int) -> None:
         st = self.stats[ci]
@@ -743,32 +744,56 @@ class EngineRun:
         g = idle.nonzero()[:, 0]
         if g.numel() == 0:
             return need
-        eot = self.job_eot[g]
         clean = self.phase[g] == CLEAN
         prio = torch.where(clean, -1.0, self.used[g] * self.job_inv_budget[g])
-        order = torch.argsort(prio, stable=True)
-        g, clean, eot = g[order], clean[order], eot[order]
-        rows = eot.clone()
-        if self.executors[xi].opaque:
-            rows += clean & (eot == 1)  # the randomness probe
-        # steps: the attack says how many queries each image sends next
-        lanes = self.job_lane[g] if len(self.lanes) > 1 else None
-        for k, lane in enumerate(self.lanes):
-            m = ~clean if lanes is None else ~clean & (lanes == k)
-            if bool(m.any()):
-                rows[m] = (
-                    lane.attack.queries((lane.budget - self.used[g[m]]) // lane.eot) * lane.eot
-                )
-        cum = torch.cumsum(rows, 0)
-        take = int(torch.searchsorted(cum, need)) + 1
-        short = max(need - int(cum[-1]), 0)
-        g, clean = g[:take], clean[:take]
-        for phase_mask, make in ((clean, self._clean_chunk), (~clean, self._step_chunk)):
-            sel = g[phase_mask]
-            if sel.numel():
-                for lane, sub in self._by_lane(sel):
-                    self._enqueue(make(lane, sub))
-        return short
+        if len(self.lanes) > 1:
+            # lane-major: the lane holding the least-spent job first, its jobs least-spent
+            # first, then the next lane. A forward then carries one or two lanes' chunks, not
+            # every lane's: each chunk's proposals and observations run as one batch of tensor
+            # ops, so fewer, larger chunks cost less per row. Lanes stay level across forwards.
+            lane = self.job_lane[g]
+            low = torch.full((len(self.lanes),), 2.0, dtype=prio.dtype, device=prio.device)
+            low.scatter_reduce_(0, lane, prio, "amin")
+            rank = torch.empty(len(self.lanes), dtype=prio.dtype, device=prio.device)
+            rank[torch.argsort(low, stable=True)] = torch.arange(
+                len(self.lanes), dtype=prio.dtype, device=prio.device
+            )
+            order = torch.argsort(prio + 4.0 * rank[lane], stable=True)  # prio lies in [-1, 1]
+            lanes, counts = torch.unique_consecutive(lane[order], return_counts=True)
+            runs = list(zip(lanes.tolist(), counts.tolist(), strict=True))
+        else:
+            order = torch.argsort(prio, stable=True)
+            runs = [(0, g.shape[0])]
+        g, clean = g[order], clean[order]
+        any_clean = bool(clean.any())
+        probe = 1 if self.executors[xi].opaque else 0  # opaque models: a randomness probe
+        short, start = need, 0
+        for k, count in runs:  # a lane's jobs are contiguous: clean ones first, then steps
+            if short <= 0:
+                break
+            lane, jobs = self.lanes[k], g[start : start + count]
+            n_clean = int(clean[start : start + count].sum()) if any_clean else 0
+            start += count
+            if n_clean:
+                per = lane.eot + (probe if lane.eot == 1 else 0)
+                take = min(n_clean, -(-short // per))
+                self._enqueue(self._clean_chunk(lane, jobs[:take]))
+                short -= take * per
+                if short <= 0:
+                    break
+            steps = jobs[n_clean:]
+            if steps.numel() == 0:
+                continue
+            if lane.single:  # one query (eot forwards) per step
+                take = min(steps.shape[0], -(-short // lane.eot))
+                short -= take * lane.eot
+            else:  # the attack says how many queries each image sends next
+                rem = (lane.budget - self.used[steps]) // lane.eot
+                cum = torch.cumsum(lane.attack.queries(rem) * lane.eot, 0)
+                take = min(int(torch.searchsorted(cum, short)) + 1, steps.shape[0])
+                short -= int(cum[take - 1])
+            self._enqueue(self._step_chunk(lane, steps[:take]))
+        return max(short, 0)
 
     def _forward(self, ex: _Executor) -> Tensor | None:
         """One forward of up to ``batch_size`` queued rows; processes the chunks it completes.
