@@ -162,9 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall {wall:.1f} s, {run.forwards} forwards, {rows} rows ({charged} charged, {verify} "
           f"verification, {probe_rows} probe), plain forward {per_image * 1e6:.1f} us/image "
           f"(median of {len(probe.times)} timings during the run)")  # fmt: skip
+    plain, outside = rows * per_image, wall - run.forward_seconds
+    print(f"time: {plain:.1f} s plain forwards of the rows, {run.forward_seconds - plain:.1f} s "
+          f"more inside forwards (defense noise, per-row plans), {outside:.1f} s outside "
+          f"forwards ({outside / run.forwards * 1e3:.2f} ms per forward: selection, attack "
+          f"arithmetic, bookkeeping)")  # fmt: skip
     print(
         f"batch fill {run.fill_total / run.forwards:.3f} | forward share "
-        f"{run.forward_seconds / wall:.3f} | efficiency {rows * per_image / wall:.3f}"
+        f"{run.forward_seconds / wall:.3f} | efficiency {plain / wall:.3f}"
     )
     return 0
 

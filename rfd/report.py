@@ -254,6 +254,17 @@ def caption(summaries: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float (nested in dicts and lists) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> dict[str, Path]:
     """results.json (everything), results.csv (one row per cell and budget), table.md.
 
@@ -265,7 +276,10 @@ def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> d
         "csv": out_dir / "results.csv",
         "markdown": out_dir / "table.md",
     }
-    paths["json"].write_text(json.dumps(list(summaries), indent=2, default=float))
+    # strict JSON: a metric that does not apply (no detector, no success) is null, not NaN,
+    # which jq, JavaScript and most JSON parsers refuse
+    rows = [_strict(dict(s)) for s in summaries]
+    paths["json"].write_text(json.dumps(rows, indent=2, default=float, allow_nan=False))
     fields = [
         "model", "defense", "attack", "norm", "eps", "criterion", "success_rule", "eot", "budget",
         "n_images",
