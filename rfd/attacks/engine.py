@@ -12,7 +12,9 @@ and an image under input noise ride in the same batch, each row with its own def
 noise key (:mod:`rfd.defenses.rows`). When a job ends (fooled, budget spent, or misclassified at
 the start) the next one takes its place. Verification votes and EOT samples are rows like any
 other. Jobs are oversubscribed (more live than one batch holds) and served least-spent first, so
-that near the end the survivors finish together instead of trickling through half-empty batches.
+that near the end the survivors finish together instead of trickling through half-empty batches;
+lane by lane (the lane holding the least-spent job first), so that a forward carries few, large
+chunks whose proposals and observations each run as one batch of tensor ops.
 
 Randomness never depends on this packing: the attacker's draws are keyed by (attack seed, image,
 step) and the defense's by (defense seed, image, query, sample) (:mod:`rfd.rng`), so an image's
