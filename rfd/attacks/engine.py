@@ -402,8 +402,18 @@ class EngineRun:
         return stack
 
     # ------------------------------------------------------------------------------ helpers
+    def _remaining(self, lane: _Lane, g: Tensor) -> Tensor:
+        """Queries jobs ``g`` may still send (EOT samples divided out)."""
+        return (lane.budget - self.used[g]) // lane.eot
+
+    @staticmethod
+    def _probe(lane: _Lane, ex: _Executor) -> int:
+        """Extra rows of a clean query: an opaque model's randomness probe (a second forward of
+        the image), unless EOT samples already give two forwards to compare."""
+        return 1 if ex.opaque and lane.eot == 1 else 0
+
     def _view(self, lane: _Lane, g: Tensor, init: bool = False) -> View:
-        rem = (lane.budget - self.used[g]) // lane.eot
+        rem = self._remaining(lane, g)
         step = self.steps[g]
 
         def rng() -> KeyedRNG:  # keyed by (attack seed, image, the image's own step)
@@ -505,8 +515,7 @@ class EngineRun:
         if g.numel() == 0:
             return
         self.busy[g] = False
-        rem = (lane.budget - self.used[g]) // lane.eot
-        end = rem < lane.attack.min_queries
+        end = self._remaining(lane, g) < lane.attack.min_queries
         if state is not None and "done" in state:
             done = state["done"] if rows is None else state["done"][rows]
             end |= done.bool()
@@ -534,7 +543,7 @@ class EngineRun:
 
     # ------------------------------------------------------------------------------ chunks
     def _clean_chunk(self, lane: _Lane, g: Tensor) -> _Chunk:
-        probe = 1 if (self._executor(g).opaque and lane.eot == 1) else 0
+        probe = self._probe(lane, self._executor(g))
         per = lane.eot + probe
         x = self.images[self.image[g]].repeat_interleave(per, 0)
         subs = torch.arange(per, device=self.device)
@@ -552,12 +561,12 @@ class EngineRun:
         keys = self._noise_keys(gi, query.repeat_interleave(VOTES), subs)
         return self._chunk(kind, lane, g, x, gi, keys, {**extra, "points": pts})
 
-    def _step_chunk(self, lane: _Lane, g: Tensor) -> _Chunk:
+    def _step_chunk(self, lane: _Lane, g: Tensor, n: Tensor | None) -> _Chunk:
+        """The next step of jobs ``g``; ``n``: the queries each sends (``lane.attack.queries``
+        of their remaining budget), None for a lane of one query per step (every live job can
+        pay one: :meth:`_end_or_continue` ends the others)."""
         view = self._view(lane, g)
-        if lane.single:  # one query per step, and every live job can pay one (_end_or_continue)
-            n = None
-        else:
-            n = lane.attack.queries(view.remaining)
+        if n is not None:
             if bool(((n < 1) | (n > view.remaining)).any()):
                 raise BudgetError(
                     f"attack {lane.attack.name!r} planned {n.tolist()} queries with "
@@ -737,9 +746,9 @@ class EngineRun:
     def _select(self, xi: int, need: int) -> int:
         """Give the least-spent idle jobs of executor ``xi`` their next rows (about ``need``);
         returns how many rows are still missing when every idle job has been given its step."""
+        ex = self.executors[xi]
         idle = self.live & ~self.busy
         if len(self.executors) > 1:
-            ex = self.executors[xi]
             idle &= (self._cell_gexec if ex.grad else self._cell_exec)[self.cell] == xi
             # a gradient lane's steps go to its gradient executor, its clean query to the other
             idle &= (self.job_grad & (self.phase == RUN)) == ex.grad
@@ -753,22 +762,21 @@ class EngineRun:
             # first, then the next lane. A forward then carries one or two lanes' chunks, not
             # every lane's: each chunk's proposals and observations run as one batch of tensor
             # ops, so fewer, larger chunks cost less per row. Lanes stay level across forwards.
-            lane = self.job_lane[g]
+            job_lane = self.job_lane[g]
             low = torch.full((len(self.lanes),), 2.0, dtype=prio.dtype, device=prio.device)
-            low.scatter_reduce_(0, lane, prio, "amin")
+            low.scatter_reduce_(0, job_lane, prio, "amin")
             rank = torch.empty(len(self.lanes), dtype=prio.dtype, device=prio.device)
             rank[torch.argsort(low, stable=True)] = torch.arange(
                 len(self.lanes), dtype=prio.dtype, device=prio.device
             )
-            order = torch.argsort(prio + 4.0 * rank[lane], stable=True)  # prio lies in [-1, 1]
-            lanes, counts = torch.unique_consecutive(lane[order], return_counts=True)
+            order = torch.argsort(prio + 4.0 * rank[job_lane], stable=True)  # prio in [-1, 1]
+            lanes, counts = torch.unique_consecutive(job_lane[order], return_counts=True)
             runs = list(zip(lanes.tolist(), counts.tolist(), strict=True))
         else:
             order = torch.argsort(prio, stable=True)
             runs = [(0, g.shape[0])]
         g, clean = g[order], clean[order]
         any_clean = bool(clean.any())
-        probe = 1 if self.executors[xi].opaque else 0  # opaque models: a randomness probe
         short, start = need, 0
         for k, count in runs:  # a lane's jobs are contiguous: clean ones first, then steps
             if short <= 0:
@@ -777,7 +785,7 @@ class EngineRun:
             n_clean = int(clean[start : start + count].sum()) if any_clean else 0
             start += count
             if n_clean:
-                per = lane.eot + (probe if lane.eot == 1 else 0)
+                per = lane.eot + self._probe(lane, ex)
                 take = min(n_clean, -(-short // per))
                 self._enqueue(self._clean_chunk(lane, jobs[:take]))
                 short -= take * per
@@ -787,14 +795,16 @@ class EngineRun:
             if steps.numel() == 0:
                 continue
             if lane.single:  # one query (eot forwards) per step
+                n = None
                 take = min(steps.shape[0], -(-short // lane.eot))
                 short -= take * lane.eot
             else:  # the attack says how many queries each image sends next
-                rem = (lane.budget - self.used[steps]) // lane.eot
-                cum = torch.cumsum(lane.attack.queries(rem) * lane.eot, 0)
+                n = lane.attack.queries(self._remaining(lane, steps))
+                cum = torch.cumsum(n * lane.eot, 0)
                 take = min(int(torch.searchsorted(cum, short)) + 1, steps.shape[0])
                 short -= int(cum[take - 1])
-            self._enqueue(self._step_chunk(lane, steps[:take]))
+                n = n[:take]
+            self._enqueue(self._step_chunk(lane, steps[:take], n))
         return max(short, 0)
 
     def _forward(self, ex: _Executor) -> Tensor | None:
