@@ -73,9 +73,9 @@ METRICS: dict[str, str] = {
     "verify_queries": "uncharged majority-vote re-queries, all images together",
     "probe_queries": "uncharged randomness-probe forwards, all images together",
     "detection_rate": "fooled images whose adversarial example the defense's detector flags ÷ "
-    "fooled images (NaN without a detector)",
+    "fooled images (NaN without a detector; null in results.json)",
     "robust_acc_detect": "robust accuracy counting a detected adversarial example as defended "
-    "(NaN without a detector)",
+    "(NaN without a detector; null in results.json)",
     "batch_fill": "mean fraction of the batch rows used in the forwards this cell took part in",
     "queries_per_second": "charged queries per wall second attributed to this cell",
     "seconds": "wall seconds attributed to this cell (its share of each forward: rows × forwards per query)",

@@ -255,14 +255,19 @@ def caption(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 def _strict(value: Any) -> Any:
-    """``value`` with every non-finite float (nested in dicts and lists) replaced by None."""
+    """``value`` as JSON data: numbers JSON cannot hold natively (NumPy or torch scalars) as
+    floats, and every non-finite number (nested in dicts and lists) as None."""
     if isinstance(value, dict):
         return {k: _strict(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_strict(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    if value is None or isinstance(value, (str, int)):  # bool is an int
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value  # not a number: json.dumps names its type
+    return number if math.isfinite(number) else None
 
 
 def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> dict[str, Path]:
@@ -279,7 +284,7 @@ def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> d
     # strict JSON: a metric that does not apply (no detector, no success) is null, not NaN,
     # which jq, JavaScript and most JSON parsers refuse
     rows = [_strict(dict(s)) for s in summaries]
-    paths["json"].write_text(json.dumps(rows, indent=2, default=float, allow_nan=False))
+    paths["json"].write_text(json.dumps(rows, indent=2, allow_nan=False))
     fields = [
         "model", "defense", "attack", "norm", "eps", "criterion", "success_rule", "eot", "budget",
         "n_images",
