@@ -7,7 +7,6 @@ back into it with ``rfd.create_model(..., checkpoint=...)``.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning as L
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from rfd.checks import check_int, check_positive
 from rfd.models import ImageClassifier, create_model
 
 AdvMode = Literal["none", "pgd", "fast", "free"]
@@ -118,19 +118,16 @@ class ClassifierModule(L.LightningModule):
                   "robust_val_images": (robust_val_images, 1),
                   "early_stop_patience": (early_stop_patience, 0)}  # fmt: skip
         for name, (v, low) in counts.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low} (got {v!r})")
+            check_int(v, name, low)
         if gaussian_sigma < 0 or adv_eps < 0:
             raise ValueError("gaussian_sigma and adv_eps must be >= 0")
         # checked here, at train.py's entry, rather than by the optimizer once the run has started
         positive = {"lr": lr, "num_classes": num_classes, "adv_steps": adv_steps}
         for name, v in positive.items():
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0 (got {v!r})")
+            check_positive(v, name)
         non_negative = {"weight_decay": weight_decay, "warmup_epochs": warmup_epochs}
         for name, v in non_negative.items():
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0 (got {v!r})")
+            check_positive(v, name, allow_zero=True)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1) (got {label_smoothing!r})")
         self.save_hyperparameters()

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from rfd.checks import check_int
+
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rfd" / "fashion-mnist"
@@ -127,10 +129,9 @@ class _EvalSplits:
     @staticmethod
     def _check_loader_args(batch_size: int, val_size: int, num_workers: int) -> None:
         """Refuse loader settings at construction (train.py's entry), not at the first batch."""
-        for name, v, low in (("batch_size", batch_size, 1), ("val_size", val_size, 1),
-                             ("num_workers", num_workers, 0)):  # fmt: skip
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low} (got {v!r})")
+        check_int(batch_size, "batch_size")
+        check_int(val_size, "val_size")
+        check_int(num_workers, "num_workers", low=0)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

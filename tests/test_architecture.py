@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "rfd.rng": 0,
     "rfd.dct": 0,
     "rfd.paper": 0,
+    "rfd.checks": 0,
     "rfd.gradients": 1,
     "rfd.classifier": 1,
     "rfd.defenses": 2,

@@ -55,23 +55,6 @@ def check_nu(value: Any, what: str = "nu") -> float:
     return nu
 
 
-def check_int(value: Any, what: str, low: int = 1) -> int:
-    """An integer >= ``low``; bools and floats are refused, not truncated (``ValueError``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def check_positive(value: Any, what: str, allow_zero: bool = False) -> float:
-    """A finite real > 0 (>= 0 with ``allow_zero``) as a float; ``ValueError`` otherwise."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(
-            f"{what} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}"
-        )
-    return float(value)
-
-
 def check_dist(dist: str) -> str:
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"unknown noise distribution {dist!r}; valid: {', '.join(DISTRIBUTIONS)}")

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rfd.defenses.base import Defense, check_positive
+from rfd.checks import check_int, check_positive
+from rfd.defenses.base import Defense
 from rfd.models import eval_mode, input_channels, load_part, model_device
 from rfd.rng import KeyedRNG
 
@@ -62,8 +63,7 @@ class Autoencoder(nn.Module):
         super().__init__()
         if isinstance(channels, bool) or channels not in (1, 3):
             raise ValueError(f"autoencoder channels must be 1 or 3, got {channels!r}")
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"autoencoder hidden must be an integer >= 1, got {hidden!r}")
+        check_int(hidden, "autoencoder hidden")
 
         def conv(i: int, o: int) -> list[nn.Module]:
             return [nn.Conv2d(i, o, 3, padding=1), nn.Sigmoid()]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rfd.defenses.base import check_int
+from rfd.checks import check_int, check_positive
 from rfd.models import check_inputs, check_logits, eval_mode, model_device
 from rfd.rng import KeyedRNG, row_keys
 
@@ -129,14 +129,7 @@ def robustify(
     delta, eps = _radius(delta, "delta"), _radius(eps, "eps")
     steps, inner_steps = check_int(steps, "steps"), check_int(inner_steps, "inner_steps")
     batch_size = check_int(batch_size, "batch_size")
-    if step_size is None:
-        step_size = 2.5 * delta / steps
-    elif (
-        isinstance(step_size, bool)
-        or not isinstance(step_size, (int, float))
-        or not (math.isfinite(step_size) and step_size > 0)
-    ):
-        raise ValueError(f"step_size must be a finite number > 0 or None, got {step_size!r}")
+    step_size = 2.5 * delta / steps if step_size is None else check_positive(step_size, "step_size")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     check_inputs(model, images, labels)
@@ -159,7 +152,7 @@ def robustify(
             y = None if labels is None else labels[sl].to(device).long()
             keys = row_keys(seed, ids[sl].to(device))
             out[sl] = _robustify_batch(
-                model, x0, y, delta, eps, steps, inner_steps, float(step_size), KeyedRNG(keys)
+                model, x0, y, delta, eps, steps, inner_steps, step_size, KeyedRNG(keys)
             ).to(images.device)
     return out
 

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rfd.defenses.base import Defense, check_int, check_positive
+from rfd.checks import check_int, check_positive
+from rfd.defenses.base import Defense
 from rfd.models import eval_mode, model_device
 from rfd.rng import KeyedRNG, row_keys
 
