@@ -52,6 +52,16 @@ def defense_config(defense: str) -> dict[str, Any]:
     return dict(read_yaml_mapping(path).get("init_args") or {}) if path.is_file() else {}
 
 
+def defense_setup(s: EvalSettings, name: str) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """Defense ``name``'s class, the layers it gets, its options (``configs/defense/<name>.yaml``'s
+    overridden by ``--defense-param``) and that config: what building it asks for."""
+    from rfd.defenses import DEFENSES
+
+    cls, cfg = DEFENSES[name], defense_config(name)
+    opts = {**(cfg.get("options") or {}), **s.defense_params.get(name, {})}
+    return cls, s.layers if cls.layered else "penultimate", opts, cfg
+
+
 def forward_settings(s: EvalSettings, device: Any) -> dict[str, Any]:
     """Precision, memory format and compilation of every forward on ``device``.
 
@@ -82,11 +92,10 @@ class _ModelGrid:
         )
 
     def defense(self, name: str, model: Any) -> Any:
-        from rfd.defenses import DEFENSES, calibrate_report, protect
+        from rfd.defenses import calibrate_report, protect
 
-        s, cls, cfg = self.s, DEFENSES[name], defense_config(name)
-        opts = {**(cfg.get("options") or {}), **s.defense_params.get(name, {})}
-        layers = s.layers if cls.layered else "penultimate"
+        s = self.s
+        cls, layers, opts, cfg = defense_setup(s, name)
         nu = s.nu
         if cls.calibrated and nu is None:
             cal = calibrate_report(
@@ -156,14 +165,12 @@ def _check_models(s: EvalSettings, runs: list[LoadedRun]) -> None:
 def _check_defense_options(s: EvalSettings, lr: LoadedRun) -> None:
     """Build each defense that needs no data once with its options (and nu 0), so a bad option or
     a missing trained part is refused before the run folder is written, not minutes later."""
-    from rfd.defenses import DEFENSES, protect
+    from rfd.defenses import protect
 
     for name in s.defense:
-        cls = DEFENSES[name]
-        opts = {**(defense_config(name).get("options") or {}), **s.defense_params.get(name, {})}
-        if cls.needs_data(s.layers if cls.layered else None, opts) or s.layers == "auto":
+        cls, layers, opts, _ = defense_setup(s, name)
+        if cls.needs_data(layers, opts) or s.layers == "auto":
             continue
-        layers = s.layers if cls.layered else "penultimate"
         try:
             protect(lr.model, name, layers=layers, nu=0.0, seed=s.seed, **opts).remove()
         except (ValueError, TypeError, FileNotFoundError) as e:
