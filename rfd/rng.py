@@ -38,15 +38,23 @@ _TWO_PI = 2.0 * math.pi
 _U24 = 2.0**-24
 
 
-def _shr(x: Tensor, s: int) -> Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic: it would copy the sign bit)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
+def _shr(x: Tensor, s: int, bits: int = 64) -> Tensor:
+    """The ``bits`` bits above the lowest ``s`` of int64 ``x``, as a non-negative int64: a logical
+    right shift (torch's ``>>`` is arithmetic: it would copy the sign bit), masked."""
+    t = x >> s
+    t &= (1 << min(bits, 64 - s)) - 1
+    return t
 
 
-def _mix(x: Tensor) -> Tensor:
-    x = (x ^ _shr(x, 30)) * _M1
-    x = (x ^ _shr(x, 27)) * _M2
-    return x ^ _shr(x, 31)
+def _mix_(x: Tensor) -> Tensor:
+    """splitmix64's finalizer, in place on ``x`` (a fresh tensor the caller gives up): in-place
+    int64 ops save an allocation and a memory pass each on the engine's hottest path."""
+    x ^= _shr(x, 30)
+    x *= _M1
+    x ^= _shr(x, 27)
+    x *= _M2
+    x ^= _shr(x, 31)
+    return x
 
 
 def _mix_int(x: int) -> int:
@@ -90,7 +98,7 @@ def derive_rows(keys: Tensor, *parts: int | str | Tensor) -> Tensor:
             k = k + (p.long() + 1) * _PART_MULT[i]
         else:  # fold constants in Python: int64 tensors cannot hold the unwrapped product
             const += (_part(p) + 1) * _PART_MULT[i]
-    return _mix(k + _signed(const)) if const or parts else _mix(k)
+    return _mix_(k + _signed(const)) if const or parts else _mix_(k.clone())
 
 
 # Independent odd multipliers (not multiples of the golden step) for offset_rows: consecutive
@@ -131,7 +139,13 @@ def _counters(n: int, offset: int, device: torch.device) -> Tensor:
 def _bits(keys: Tensor, n: int, offset: int = 0) -> Tensor:
     """(A, n) hashed int64 words: element i of row a is ``mix(keys[a] + (i + 1) * golden + offset)``
     (splitmix64 seeded with the row's key; named streams shift the counter by ``offset``)."""
-    return _mix(keys.view(-1, 1) + _counters(n, offset, keys.device))
+    return _mix_(keys.view(-1, 1) + _counters(n, offset, keys.device))
+
+
+def _unit(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """24-bit integers ``t`` as floats in [0, 1): exact (an integer below 2^24 and a power-of-two
+    scale lose nothing), in one op for float32 (int64 * float scalar computes in float32)."""
+    return t * _U24 if dtype == torch.float32 else t.to(dtype) * _U24
 
 
 def _shape(shape: Sequence[int] | int) -> tuple[int, ...]:
@@ -174,20 +188,29 @@ class KeyedRNG:
         """U[0, 1) with 24 random bits (float32's mantissa), shaped ``(A, *shape)``."""
         s = _shape(shape)
         n = math.prod(s)
-        u = _shr(self._words(n), 40).to(dtype) * _U24
-        return u.view(len(self), *s)
+        return _unit(_shr(self._words(n), 40), dtype).view(len(self), *s)
 
     def normal(self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32) -> Tensor:
         """N(0, 1) by Box-Muller: one 64-bit hash gives two 24-bit uniforms and two normals."""
         s = _shape(shape)
         n = math.prod(s)
-        b = self._words((n + 1) // 2)
-        u1 = 1.0 - _shr(b, 40).to(torch.float32) * _U24  # (0, 1]: the log stays finite
-        u2 = (_shr(b, 16) & 0xFFFFFF).to(torch.float32) * _U24
-        r = torch.sqrt(-2.0 * torch.log(u1))
-        theta = _TWO_PI * u2
-        z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n]
-        return z.to(dtype).view(len(self), *s)
+        h = (n + 1) // 2
+        b = self._words(h)
+        r = _unit(_shr(b, 40), torch.float32)
+        r *= -1.0
+        r += 1.0  # 1 - u in (0, 1]: the log stays finite
+        r.log_()
+        r *= -2.0
+        r.sqrt_()
+        theta = _unit(_shr(b, 16, 24), torch.float32)
+        theta *= _TWO_PI
+        z = torch.empty((len(self), 2 * h), dtype=torch.float32, device=b.device)
+        torch.cos(theta, out=z[:, :h])
+        torch.sin(theta, out=z[:, h:])
+        z[:, :h] *= r
+        z[:, h:] *= r
+        z = z[:, :n] if n < 2 * h else z
+        return z.to(dtype).reshape(len(self), *s)
 
     def laplace(
         self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32
@@ -208,8 +231,7 @@ class KeyedRNG:
     def bits01(self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32) -> Tensor:
         """Fair 0/1 draws as floats (the cheap form of random signs)."""
         s = _shape(shape)
-        b = _shr(self._words(math.prod(s)), 63).to(dtype)
-        return b.view(len(self), *s)
+        return _shr(self._words(math.prod(s)), 63).to(dtype).view(len(self), *s)
 
     def bernoulli(self, p: Tensor) -> Tensor:
         """Booleans that are True with probability ``p`` (shaped ``(A, ...)``, per element)."""

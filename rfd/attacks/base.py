@@ -78,6 +78,28 @@ def select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.lerp(b, a, w)
 
 
+class Rows:
+    """``state`` restricted to rows ``idx`` (``None``: all), each key gathered on first read.
+
+    Attacks that walk images through phases step each phase's images separately; a phase reads a
+    few of the state's keys, and gathering every key for every phase (image-sized ones included)
+    would cost more than the phase's own arithmetic.
+    """
+
+    def __init__(self, state: State, idx: Tensor | None) -> None:
+        self.state, self.idx = state, idx
+        self._got: State = {}
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._got:
+            t = self.state[key]
+            self._got[key] = t if self.idx is None else t[self.idx]
+        return self._got[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.state
+
+
 class BudgetError(RuntimeError):
     """An attack asked for more queries than an image's budget allows."""
 

@@ -50,19 +50,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, Reply, State, View, select
+from rfd.attacks.base import Attack, Reply, Rows, State, View, select
 
 INIT, SEARCH, GRAD, STEP = 0, 1, 2, 3
-
-
-class _Rows:
-    """``state`` restricted to rows ``idx``, indexed on demand (only the keys a phase reads)."""
-
-    def __init__(self, state: State, idx: Tensor) -> None:
-        self.state, self.idx = state, idx
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self.state[key][self.idx]
 
 
 class HopSkipJump(Attack):
@@ -155,20 +145,20 @@ class HopSkipJump(Attack):
             "done": torch.zeros(a, dtype=torch.bool, device=dev),
         }
 
-    def _noise(self, view: View, s: _Rows) -> Tensor:
+    def _noise(self, view: View, s: Rows) -> Tensor:
         return view.rng.stream("init").uniform(view.x0.shape[1:], view.x0.dtype)
 
-    def _mid(self, view: View, s: _Rows) -> Tensor:
+    def _mid(self, view: View, s: Rows) -> Tensor:
         return self._toward(view.x0, s["ray"], (s["lo"] + s["hi"]) / 2)
 
-    def _probe(self, view: View, s: _Rows) -> Tensor:
+    def _probe(self, view: View, s: Rows) -> Tensor:
         shape, dt = view.x0.shape[1:], view.x0.dtype
         rng = view.rng.stream("dir")
         u = rng.normal(shape, dt) if self.norm == "l2" else rng.uniform(shape, dt) * 2 - 1
         u = u / u.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, 1, 1, 1)
         return (s["x"] + s["delta"].view(-1, 1, 1, 1) * u).clamp(0.0, 1.0)
 
-    def _stepped(self, view: View, s: _Rows) -> Tensor:
+    def _stepped(self, view: View, s: Rows) -> Tensor:
         return (s["x"] + s["xi"].view(-1, 1, 1, 1) * s["ray"]).clamp(0.0, 1.0)
 
     def propose(self, view: View, state: State) -> Tensor:
@@ -182,11 +172,11 @@ class HopSkipJump(Attack):
         ):
             m = (phase == ph).nonzero()[:, 0]
             if m.numel() == len(phase):
-                return make(view, _Rows(state, slice(None)))
+                return make(view, Rows(state, None))
             if m.numel():
                 if out is None:
                     out = torch.empty_like(view.x0)
-                out[m] = make(view.subset(m), _Rows(state, m))
+                out[m] = make(view.subset(m), Rows(state, m))
         assert out is not None
         return out
 

@@ -10,8 +10,7 @@ shrinking the perturbation; (2) flipping the sign of a few random coordinates of
 perturbation. Every ``adapt_every`` iterations, alpha and the flip probabilities adapt to the
 acceptance rates. Unlike the published code, the random initialization and the binary search are
 charged to the budget; success is the first verified adversarial query inside the epsilon ball.
-Each image walks these phases on its own; ``observe`` redraws a step's random signs from the
-step's keyed stream instead of storing them.
+Each image walks these phases on its own.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, Reply, State, View, select
+from rfd.attacks.base import Attack, Reply, Rows, State, View, select
 
 INIT, SEARCH, PROJECT, FLIP = 0, 1, 2, 3
 
@@ -93,111 +92,135 @@ class SignFlip(Attack):
             "acc_flip": zero.clone(),
         }
 
-    # -- the candidate of each phase, recomputable from (state, the step's keyed stream)
+    # -- the candidate of each phase; PROJECT and FLIP leave their random draw (the candidate
+    # perturbation, or the signs) in the state as scratch, so observe need not redraw it
     def _random(self, view: View) -> Tensor:
         return view.rng.stream("init").uniform(view.x0.shape[1:], view.x0.dtype)
 
-    def _projected(self, view: View, state: State) -> Tensor:
-        delta, alpha = state["delta"], state["alpha"].view(-1, 1, 1, 1)
+    def _projected(self, view: View, s: Rows) -> Tensor:
+        delta, alpha = s["delta"], s["alpha"].view(-1, 1, 1, 1)
         sign = view.rng.stream("sign").bits01(delta.shape[1:], delta.dtype) * 2 - 1
         radius = (delta.flatten(1).abs().amax(1).view(-1, 1, 1, 1) - alpha).clamp(min=0)
         return torch.maximum(torch.minimum(delta + sign * alpha, radius), -radius)
 
-    def _flips(self, view: View, state: State) -> Tensor:
-        return view.rng.stream("flip").bernoulli(state["prob"]).to(state["delta"].dtype) * 2 - 1
+    def _flips(self, view: View, s: Rows) -> Tensor:
+        return view.rng.stream("flip").bernoulli(s["prob"]).to(s["delta"].dtype) * 2 - 1
+
+    @staticmethod
+    def _phases(state: State) -> list[tuple[int, Tensor | None]]:
+        """The phases present, each with its images (``None``: every image)."""
+        phase = state["phase"]
+        counts = torch.bincount(phase, minlength=4).tolist()
+        present = [ph for ph, k in enumerate(counts) if k]
+        if len(present) == 1:
+            return [(present[0], None)]
+        return [(ph, (phase == ph).nonzero()[:, 0]) for ph in present]
 
     def propose(self, view: View, state: State) -> Tensor:
-        x0, phase = view.x0, state["phase"]
-        out = torch.empty_like(x0)
-        for ph, make in (
-            (INIT, lambda v, s: self._random(v)),
-            (SEARCH, lambda v, s: _toward(s["xa"], v.x0, (s["lo"] + s["hi"]) / 2)),
-            (PROJECT, lambda v, s: (v.x0 + self._projected(v, s)).clamp(0.0, 1.0)),
-            (FLIP, lambda v, s: (v.x0 + s["delta"] * self._flips(v, s)).clamp(0.0, 1.0)),
-        ):
-            m = (phase == ph).nonzero()[:, 0]
-            if m.numel():
-                out[m] = make(view.subset(m), {k: t[m] for k, t in state.items()})
+        out: Tensor | None = None
+        draw: Tensor | None = None
+        for ph, m in self._phases(state):
+            v, s = (view, Rows(state, None)) if m is None else (view.subset(m), Rows(state, m))
+            d = None
+            if ph == INIT:
+                q = self._random(v)
+            elif ph == SEARCH:
+                q = _toward(s["xa"], v.x0, (s["lo"] + s["hi"]) / 2)
+            elif ph == PROJECT:
+                d = self._projected(v, s)
+                q = (v.x0 + d).clamp(0.0, 1.0)
+            else:
+                d = self._flips(v, s)
+                q = (v.x0 + s["delta"] * d).clamp(0.0, 1.0)
+            if m is None:
+                out, draw = q, d
+                break
+            if out is None:
+                out = torch.empty_like(view.x0)
+            out[m] = q
+            if d is not None:
+                if draw is None:
+                    draw = torch.empty_like(view.x0)
+                draw[m] = d
+        if draw is not None:
+            state["draw"] = draw
+        assert out is not None
         return out
 
     def observe(self, view: View, state: State, reply: Reply) -> State:
         # Each phase updates only its own images and only the keys it changes; a key is copied
         # (once) the first time a phase writes it, so steady-state steps never copy ``xa``.
+        ok, xq = reply.adversarial[:, 0], reply.x[:, 0]
+        steps = (self._after_init, self._after_search, self._after_project, self._after_flip)
         out: State = {}
-        ok = reply.adversarial[:, 0]
-        for ph, step in (
-            (INIT, self._after_init),
-            (SEARCH, self._after_search),
-            (PROJECT, self._after_project),
-            (FLIP, self._after_flip),
-        ):
-            m = (state["phase"] == ph).nonzero()[:, 0]
-            if m.numel() == 0:
-                continue
-            every = m.numel() == len(ok)
-            sub = state if every else {k: t[m] for k, t in state.items()}
-            new = step(view if every else view.subset(m), sub, ok if every else ok[m],
-                       reply.x[:, 0] if every else reply.x[m, 0])  # fmt: skip
+        for ph, m in self._phases(state):
+            if m is None:
+                return steps[ph](view, Rows(state, None), ok, xq)
+            new = steps[ph](view.subset(m), Rows(state, m), ok[m], xq[m])
             for k, t in new.items():
-                if every:
-                    out[k] = t
-                else:
-                    if k not in out:
-                        out[k] = state[k].clone()
-                    out[k][m] = t
+                if k not in out:
+                    out[k] = state[k].clone()
+                out[k][m] = t
         return out
 
-    def _after_init(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
+    def _after_init(self, view: View, s: Rows, ok: Tensor, x: Tensor) -> State:
         # 1. uniform random images until one is misclassified (each try is a query)
         xa = select(ok, x, s["xa"])
-        hi = (xa - view.x0).flatten(1).abs().amax(1)
-        new = {"xa": xa, "hi": torch.where(ok, hi, s["hi"]), "lo": torch.zeros_like(hi)}
+        hi = torch.where(ok, (xa - view.x0).flatten(1).abs().amax(1), s["hi"])
+        new = {"xa": xa, "hi": hi, "lo": torch.zeros_like(hi)}
         if self.search_steps == 0:
-            return {**new, **self._start_flips(view, {**s, **new}, ok)}
+            return {**new, **self._start_flips(view, s, xa, hi, s["count"], ok)}
         return {**new, "phase": torch.where(ok, SEARCH, INIT)}
 
-    def _after_search(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
+    def _after_search(self, view: View, s: Rows, ok: Tensor, x: Tensor) -> State:
         # 2. Linf binary search between the original and the random image
         mid = (s["lo"] + s["hi"]) / 2
-        new = {"hi": torch.where(ok, mid, s["hi"]), "lo": torch.where(ok, s["lo"], mid),
-               "count": s["count"] + 1}  # fmt: skip
-        go = new["count"] >= int(self.search_steps)
-        return {**new, **self._start_flips(view, {**s, **new}, go)}
+        hi, lo = torch.where(ok, mid, s["hi"]), torch.where(ok, s["lo"], mid)
+        count = s["count"] + 1
+        go = count >= int(self.search_steps)
+        return {"hi": hi, "lo": lo, **self._start_flips(view, s, s["xa"], hi, count, go)}
 
-    def _start_flips(self, view: View, s: State, go: Tensor) -> State:
-        delta = _toward(s["xa"], view.x0, s["hi"]) - view.x0
+    def _start_flips(
+        self, view: View, s: Rows, xa: Tensor, hi: Tensor, count: Tensor, go: Tensor
+    ) -> State:
+        delta = _toward(xa, view.x0, hi) - view.x0
         return {
             "delta": select(go, delta, s["delta"]),
             "phase": torch.where(go, PROJECT, s["phase"]),
-            "count": torch.where(go, 0, s["count"]),
+            "count": torch.where(go, 0, count),
         }
 
-    def _after_project(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
+    def _after_project(self, view: View, s: Rows, ok: Tensor, x: Tensor) -> State:
         # 3. a random +-alpha move, projected into the Linf ball of radius l - alpha
-        cand = self._projected(view, s)
         return {
-            "delta": select(ok, cand, s["delta"]),
+            "delta": select(ok, s["draw"], s["delta"]),
             "acc_proj": s["acc_proj"] + ok,
             "phase": torch.full_like(s["phase"], FLIP),
         }
 
-    def _after_flip(self, view: View, s: State, ok: Tensor, x: Tensor) -> State:
+    def _after_flip(self, view: View, s: Rows, ok: Tensor, x: Tensor) -> State:
         # 4. flip the signs of a few random coordinates; adapt every `adapt_every` iterations
-        flips = self._flips(view, s)
-        okf = ok.to(flips.dtype).view(-1, 1, 1, 1)
-        prob = (s["prob"] - okf * flips * 1e-4).clamp(self.prob_min, self.prob_max)
-        delta = select(ok, s["delta"] * flips, s["delta"])
+        flips, delta, prob = s["draw"], s["delta"], s["prob"]
         acc_proj, acc_flip = s["acc_proj"], s["acc_flip"] + ok
         alpha, it = s["alpha"], s["count"] + 1
         adapt = it % int(self.adapt_every) == 0
+        lo, hi = self.prob_min, self.prob_max
+        # only accepted images move their flip probabilities, and only adapting ones shift them
+        # (the others would add an exact zero and clamp values already inside the bounds)
+        acc, ad = ok.nonzero()[:, 0], adapt.nonzero()[:, 0]
+        if acc.numel() or ad.numel():
+            prob = prob.clone()
+        if acc.numel():
+            prob[acc] = (prob[acc] - flips[acc] * 1e-4).clamp(lo, hi)
         rate_p, rate_f = acc_proj / self.adapt_every, acc_flip / self.adapt_every
+        if ad.numel():
+            shift = (rate_f < 0.3).to(prob.dtype) * 1e-3 - (rate_f > 0.7).to(prob.dtype) * 1e-3
+            prob[ad] = (prob[ad] + shift[ad].view(-1, 1, 1, 1)).clamp(lo, hi)
         new_alpha = torch.where(rate_p > 0.7, alpha * 1.5, alpha)
         new_alpha = torch.where(rate_p < 0.3, new_alpha / 1.5, new_alpha)
-        shift = (rate_f < 0.3).to(prob.dtype) * 1e-3 - (rate_f > 0.7).to(prob.dtype) * 1e-3
-        adapted = (prob + shift.view(-1, 1, 1, 1)).clamp(self.prob_min, self.prob_max)
         return {
-            "delta": delta,
-            "prob": select(adapt, adapted, prob),
+            "delta": select(ok, delta * flips, delta),
+            "prob": prob,
             "alpha": torch.where(adapt, new_alpha, alpha),
             "acc_proj": torch.where(adapt, 0.0, acc_proj),
             "acc_flip": torch.where(adapt, 0.0, acc_flip),
