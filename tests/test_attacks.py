@@ -389,6 +389,47 @@ def test_decision_attacks_see_no_scores_and_outside_points_do_not_count():
     assert not res.success.any()
 
 
+def test_signflip_observes_the_very_draw_it_proposed():
+    """Images in the projection and the flip phase step together; each phase's random draw is
+    made once, in propose, and observe applies exactly that draw to the accepted images."""
+    from rfd.attacks import View
+    from rfd.attacks.signflip import FLIP, PROJECT, SignFlip
+    from rfd.rng import KeyedRNG, row_keys
+
+    a = 6
+    x0 = torch.rand(a, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    z = torch.zeros(a, dtype=torch.long)
+    view = View(x0, 0.1, "linf", 100, z + 50, z + 20, KeyedRNG(row_keys(5, torch.arange(a))))
+    sf = SignFlip()
+    state = sf.init(view)
+    state["phase"] = torch.tensor([PROJECT, FLIP] * 3)
+    state["delta"] = (torch.rand(a, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5) / 20
+    state["prob"] = torch.full_like(x0, 0.9)  # many flips, so that the draws are visible
+    q = sf.propose(view, state)
+    draw, delta = state["draw"], state["delta"]
+    p, f = slice(0, a, 2), slice(1, a, 2)
+    assert torch.equal(q[p], (x0[p] + draw[p]).clamp(0, 1))
+    assert torch.equal(q[f], (x0[f] + delta[f] * draw[f]).clamp(0, 1))
+    assert set(draw[f].unique().tolist()) == {-1.0, 1.0}
+    # the projection phase's draw moves each coordinate by alpha inside the shrunk ball
+    radius = delta[p].flatten(1).abs().amax(1) - sf.alpha
+    assert (draw[p].flatten(1).abs().amax(1) <= radius + 1e-7).all()
+    # a phase's draw depends on its own rows' keys only: stepping one phase alone draws the same
+    alone = {k: t[p] for k, t in state.items() if k != "draw"}
+    sf.propose(view.subset(torch.arange(0, a, 2)), alone)
+    assert torch.equal(alone["draw"], draw[p])
+    ok = torch.tensor([True, True, False, False, True, True]).view(a, 1)
+    new = sf.observe(view, state, rfd.attacks.Reply(ok, q.unsqueeze(1)))
+    acc_p, acc_f = torch.tensor([0, 4]), torch.tensor([1, 5])
+    assert torch.equal(new["delta"][acc_p], draw[acc_p])
+    assert torch.equal(new["delta"][acc_f], delta[acc_f] * draw[acc_f])
+    assert torch.equal(new["delta"][2:4], delta[2:4])  # rejected: unchanged
+    assert torch.equal(new["phase"], torch.tensor([FLIP, PROJECT] * 3))
+    # only accepted flips move the flip probabilities (by 1e-4 against each coordinate's sign)
+    moved = (new["prob"] - state["prob"]).flatten(1).abs().amax(1)
+    assert (moved[acc_f] > 0).all() and (moved[[0, 2, 3, 4]] == 0).all()
+
+
 def test_l2_projection_and_exactness_inside():
     from rfd.attacks import View
     from rfd.rng import KeyedRNG

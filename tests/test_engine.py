@@ -149,6 +149,12 @@ def test_keyed_rng_is_a_function_of_the_key_alone():
     assert not torch.equal(r.stream("a").normal((4, 7)), z)
     assert torch.equal(r.stream("a").normal((4, 7)), r.stream("a").normal((4, 7)))
     assert not torch.equal(KeyedRNG(derive_rows(r.keys, ids)).normal((4, 7)), z)
+    # an odd count drops the last sine of the Box-Muller pairs: a prefix of the next even count
+    assert torch.equal(r.normal((3, 5, 5)).flatten(1), r.normal(76)[:, :75])
+    # the hash works in place on its own temporaries, never on the caller's keys
+    keys = r.keys.clone()
+    derive_rows(r.keys), r.uniform(5), r.bits01(5), r.stream(ids).normal(3)
+    assert torch.equal(r.keys, keys)
 
 
 def test_keyed_rng_moments():
