@@ -144,8 +144,7 @@ class SignFlip(Attack):
                 draw[m] = d
         if draw is not None:
             state["draw"] = draw
-        assert out is not None
-        return out
+        return torch.empty_like(view.x0) if out is None else out  # None: no images
 
     def observe(self, view: View, state: State, reply: Reply) -> State:
         # Each phase updates only its own images and only the keys it changes; a key is copied
