@@ -96,8 +96,15 @@ class Rows:
             self._got[key] = t if self.idx is None else t[self.idx]
         return self._got[key]
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.state
+
+def phase_rows(phase: Tensor) -> list[tuple[int, Tensor | None]]:
+    """The phases present in ``phase`` (A,) in increasing order, each with the indices of its
+    images, ``None`` when one phase holds every image (the common case: no gathers needed)."""
+    counts = torch.bincount(phase).tolist()
+    present = [ph for ph, k in enumerate(counts) if k]
+    if len(present) == 1:
+        return [(present[0], None)]
+    return [(ph, (phase == ph).nonzero()[:, 0]) for ph in present]
 
 
 class BudgetError(RuntimeError):

@@ -317,7 +317,6 @@ class EngineRun:
         self.job_lane = self._cell_lane[self.cell]
         self.job_label = self.labels[self.image]
         self.job_plan = self._cell_plan[self.cell]
-        self.job_eot = self._cell_eot[self.cell]
         self.job_grad = torch.tensor([self.lanes[int(li)].grad for li in self._cell_lane.tolist()],
                                      dtype=torch.bool, device=self.device)[self.cell]  # fmt: skip
         self.job_inv_budget = 1.0 / self._cell_budget[self.cell].double()
@@ -391,7 +390,6 @@ class EngineRun:
             ex.index = xi
         self._cell_akey, self._cell_dkey = t(akeys), t(dkeys)
         self._cell_budget = t([c.max_queries for c in self.cells])
-        self._cell_eot = t([c.eot for c in self.cells])
 
     def executors_entered(self) -> Any:
         from contextlib import ExitStack
@@ -909,10 +907,11 @@ class EngineRun:
                     continue
                 progressed = True
                 dt = time.perf_counter() - t0  # selection, proposals, forward and processing
-                rows = int(counts.sum())
-                weight = [k * self.row_cost[ci] for ci, k in enumerate(counts.tolist())]
+                per_cell = counts.tolist()
+                rows = sum(per_cell)
+                weight = [k * self.row_cost[ci] for ci, k in enumerate(per_cell)]
                 total_weight = sum(weight)
-                for ci, k in enumerate(counts.tolist()):
+                for ci, k in enumerate(per_cell):
                     if k:
                         st = self.stats[ci]
                         st.forwards += 1

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, Reply, Rows, State, View, select
+from rfd.attacks.base import Attack, Reply, Rows, State, View, phase_rows, select
 
 INIT, SEARCH, GRAD, STEP = 0, 1, 2, 3
 
@@ -162,22 +162,12 @@ class HopSkipJump(Attack):
         return (s["x"] + s["xi"].view(-1, 1, 1, 1) * s["ray"]).clamp(0.0, 1.0)
 
     def propose(self, view: View, state: State) -> Tensor:
-        phase = state["phase"]
-        out = None
-        for ph, make in (
-            (INIT, self._noise),
-            (SEARCH, self._mid),
-            (GRAD, self._probe),
-            (STEP, self._stepped),
-        ):
-            m = (phase == ph).nonzero()[:, 0]
-            if m.numel() == len(phase):
-                return make(view, Rows(state, None))
-            if m.numel():
-                if out is None:
-                    out = torch.empty_like(view.x0)
-                out[m] = make(view.subset(m), Rows(state, m))
-        assert out is not None
+        makers = {INIT: self._noise, SEARCH: self._mid, GRAD: self._probe, STEP: self._stepped}
+        out = torch.empty_like(view.x0)
+        for ph, m in phase_rows(state["phase"]):
+            if m is None:
+                return makers[ph](view, Rows(state, None))
+            out[m] = makers[ph](view.subset(m), Rows(state, m))
         return out
 
     def observe(self, view: View, state: State, reply: Reply) -> State:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, Reply, Rows, State, View, select
+from rfd.attacks.base import Attack, Reply, Rows, State, View, phase_rows, select
 
 INIT, SEARCH, PROJECT, FLIP = 0, 1, 2, 3
 
@@ -106,20 +106,9 @@ class SignFlip(Attack):
     def _flips(self, view: View, s: Rows) -> Tensor:
         return view.rng.stream("flip").bernoulli(s["prob"]).to(s["delta"].dtype) * 2 - 1
 
-    @staticmethod
-    def _phases(state: State) -> list[tuple[int, Tensor | None]]:
-        """The phases present, each with its images (``None``: every image)."""
-        phase = state["phase"]
-        counts = torch.bincount(phase, minlength=4).tolist()
-        present = [ph for ph, k in enumerate(counts) if k]
-        if len(present) == 1:
-            return [(present[0], None)]
-        return [(ph, (phase == ph).nonzero()[:, 0]) for ph in present]
-
     def propose(self, view: View, state: State) -> Tensor:
-        out: Tensor | None = None
-        draw: Tensor | None = None
-        for ph, m in self._phases(state):
+        out, draw = torch.empty_like(view.x0), None
+        for ph, m in phase_rows(state["phase"]):
             v, s = (view, Rows(state, None)) if m is None else (view.subset(m), Rows(state, m))
             d = None
             if ph == INIT:
@@ -135,8 +124,6 @@ class SignFlip(Attack):
             if m is None:
                 out, draw = q, d
                 break
-            if out is None:
-                out = torch.empty_like(view.x0)
             out[m] = q
             if d is not None:
                 if draw is None:
@@ -144,7 +131,7 @@ class SignFlip(Attack):
                 draw[m] = d
         if draw is not None:
             state["draw"] = draw
-        return torch.empty_like(view.x0) if out is None else out  # None: no images
+        return out
 
     def observe(self, view: View, state: State, reply: Reply) -> State:
         # Each phase updates only its own images and only the keys it changes; a key is copied
@@ -152,7 +139,7 @@ class SignFlip(Attack):
         ok, xq = reply.adversarial[:, 0], reply.x[:, 0]
         steps = (self._after_init, self._after_search, self._after_project, self._after_flip)
         out: State = {}
-        for ph, m in self._phases(state):
+        for ph, m in phase_rows(state["phase"]):
             if m is None:
                 return steps[ph](view, Rows(state, None), ok, xq)
             new = steps[ph](view.subset(m), Rows(state, m), ok[m], xq[m])
