@@ -57,11 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def certified_accuracy(
-    correct: torch.Tensor, abstain: torch.Tensor, radius: torch.Tensor, r: float
-) -> float:
-    """Fraction of images predicted correctly, not abstained, with a certified radius >= r."""
-    return float((correct & ~abstain & (radius >= r)).float().mean())
+def certified_accuracy(good: torch.Tensor, radius: torch.Tensor, r: float) -> float:
+    """Fraction of images predicted correctly and not abstained (``good``) whose certified radius
+    is >= r."""
+    return float((good & (radius >= r)).float().mean())
 
 
 def run(args: argparse.Namespace, loaded: Any, n: int, meta: dict[str, Any]) -> dict[str, Path]:
@@ -88,23 +87,21 @@ def run(args: argparse.Namespace, loaded: Any, n: int, meta: dict[str, Any]) -> 
     seconds = time.perf_counter() - t0
     y, pred, rad, base_pred = (torch.cat(t) for t in (labels, preds, radii, base))
     abstain = pred == -1
-    correct = pred == y
+    good = (pred == y) & ~abstain
     rows = [
         {
             "radius": r,
-            "certified_acc": certified_accuracy(correct, abstain, rad, r),
-            "n_certified": int((correct & ~abstain & (rad >= r)).sum()),
+            "certified_acc": certified_accuracy(good, rad, r),
+            "n_certified": int((good & (rad >= r)).sum()),
         }
         for r in args.radii
     ]
     summary = {
         "n_images": len(y),
-        "smoothed_clean_acc": float((correct & ~abstain).float().mean()),
+        "smoothed_clean_acc": float(good.float().mean()),
         "abstain_rate": float(abstain.float().mean()),
         "base_clean_acc": float((base_pred == y).float().mean()),
-        "median_radius_correct": float(rad[correct & ~abstain].median())
-        if bool((correct & ~abstain).any())
-        else 0.0,
+        "median_radius_correct": float(rad[good].median()) if bool(good.any()) else 0.0,
         # the largest radius n samples can certify (all n votes for c_A): sigma Phi^-1(alpha^(1/n))
         "max_certifiable_radius": args.sigma * NormalDist().inv_cdf(args.alpha ** (1 / args.n)),
         "seconds": round(seconds, 1),
@@ -136,31 +133,28 @@ def run(args: argparse.Namespace, loaded: Any, n: int, meta: dict[str, Any]) -> 
         for i, a, p, r in zip(torch.cat(ids), y, pred, rad, strict=True)
     ]
     files["per_image"] = write_csv(per_image, Path(args.out) / f"{name}_per_image.csv")
-    files["png"] = plot_certified(correct & ~abstain, rad, args, loaded.name, Path(args.out), name)
+    files["png"] = plot_certified(good, rad, rows, args, loaded.name, Path(args.out), name)
     print(markdown_table(rows), end="")
     print(notes)
     return files
 
 
 def plot_certified(
-    good: torch.Tensor, radius: torch.Tensor, args: Any, run: str, out: Path, name: str
-) -> Path:
-    """Certified accuracy as a step function of the radius, the table's radii marked."""
+    good: torch.Tensor, radius: torch.Tensor, rows: list[dict[str, Any]], args: Any, run: str,
+    out: Path, name: str,
+) -> Path:  # fmt: skip
+    """Certified accuracy as a step function of the radius, the table's ``rows`` marked."""
     import matplotlib.pyplot as plt
 
     from rfd.analysis.report import save_figure
 
-    top = max(max(args.radii, default=0.0), float(radius.max()) if radius.numel() else 0.0)
+    marks = [row["radius"] for row in rows], [row["certified_acc"] for row in rows]
+    top = max([*marks[0], float(radius.max()) if radius.numel() else 0.0])
     grid = torch.linspace(0, max(top, 1e-3) * 1.05, 400)
-    curve = [(good & (radius >= r)).float().mean().item() for r in grid.tolist()]
+    curve = [certified_accuracy(good, radius, r) for r in grid.tolist()]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(grid.numpy(), curve, label=f"{run}, sigma {args.sigma:g}")
-    ax.plot(
-        args.radii,
-        [(good & (radius >= r)).float().mean().item() for r in args.radii],
-        "o",
-        color=ax.lines[-1].get_color(),
-    )
+    ax.plot(*marks, "o", color=ax.lines[-1].get_color())
     ax.set_xlabel("L2 radius")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)
