@@ -20,7 +20,8 @@ images the attack did not fool).
 **Engine statistics** of one cell (:data:`STATS_KEYS`; several add up when a run is resumed, see
 :func:`merge_stats`): ``forwards`` (forwards the cell took part in), ``fill_sum`` (sum over those
 forwards of rows used ÷ batch size), ``rows`` (forward rows the cell used), ``seconds`` (wall
-seconds attributed to the cell by its share of each forward's cost: rows × the defense's ``forwards_per_query``).
+seconds attributed to the cell by its share of each forward's cost: rows × the defense's
+``forwards_per_query``).
 
 :func:`summarize` turns records (plain dicts, e.g. read back from JSONL, or
 :func:`records_from_tensors` of an attack's per-image tensors) and optional statistics into the
@@ -78,7 +79,8 @@ METRICS: dict[str, str] = {
     "(NaN without a detector; null in results.json)",
     "batch_fill": "mean fraction of the batch rows used in the forwards this cell took part in",
     "queries_per_second": "charged queries per wall second attributed to this cell",
-    "seconds": "wall seconds attributed to this cell (its share of each forward: rows × forwards per query)",
+    "seconds": "wall seconds attributed to this cell (its share of each forward: rows × forwards "
+    "per query)",
     "forwards": "model forwards this cell took part in",
 }
 STATS_METRICS = ("batch_fill", "queries_per_second", "seconds", "forwards")  # only with stats

@@ -94,8 +94,8 @@ def keep_freed_memory() -> bool:
     same activation buffers every batch: on the embedded default's benchmark grid, 33 s of the
     process's 214 s of CPU time went to the kernel faulting pages in. Keeping freed memory (mmap
     threshold at its 32 MiB maximum, no trimming below 1 GiB of free heap) made the forward 25%
-    faster and the whole grid about as much (``make bench``). The price is resident memory that stays at its peak,
-    which a long-running evaluation reaches anyway. PyTorch's CPU tuning guide gets the same
+    faster and the whole grid about as much (``make bench``). The price is resident memory that
+    stays at its peak, which a long-running evaluation reaches anyway. PyTorch's CPU tuning guide gets the same
     effect by preloading jemalloc or tcmalloc, which a running process cannot do.
 
     Returns:
