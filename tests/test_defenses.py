@@ -198,14 +198,12 @@ def _fast(defense: str, x: torch.Tensor | None = None) -> dict:
 
         gen = Generator(latent_dim=8, width=4, in_chans=x.shape[1], img_size=x.shape[-1])
         return {"generator": gen, "restarts": 2, "steps": 2}
-    return {"steps": 10} if defense == "aaa" else {}
+    return {"aaa": {"steps": 10}, "smoothing": {"n": 8}}.get(defense, {})
 
 
 @pytest.mark.parametrize("defense", DEFENSES)
 def test_fixed_seed_reproduces_and_ignores_the_global_rng(fam: Family, defense: str) -> None:
     opts = _fast(defense, fam.x)
-    if defense == "smoothing":
-        opts = {"n": 8}
     with torch.no_grad():
         torch.manual_seed(0)
         a = protect(fam.model, defense, nu=0.2, seed=7, **opts)(fam.x)
