@@ -159,6 +159,31 @@ def test_distance_shrinks_over_iterations(norm):
     assert (last >= gap / dual * (1 - 1e-4)).all()
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_float32_images_at_224px_leave_the_search_and_probe_for_real(norm):
+    """At 3x224x224 the authors' tolerances (Linf: ~1e-11 of the distance) and probe radii lie
+    below float32's spacing: the search must still end and a probe must still move pixels, or an
+    image repeats one query until its budget is spent."""
+    _, x0, oracle = _linear_case(shape=(3, 224, 224), seed=1, a=2)
+    attack = HopSkipJump(norm, init_num_evals=20)
+    keys = torch.arange(2, dtype=torch.long) * 7919 + 1
+    step = torch.zeros(2, dtype=torch.long)
+    state = attack.init(View(x0, 0.1, norm, 10**6, 10**6 - step, step, KeyedRNG(keys)))
+    moved = []
+    for _ in range(300):
+        v = View(
+            x0, 0.1, norm, 10**6, 10**6 - 1 - step, step.clone(), KeyedRNG(keys * 1000003 + step)
+        )
+        q = attack.propose(v, state).clamp(0, 1)
+        probing = state["phase"] == GRAD
+        if bool(probing.any()):
+            moved.append(bool((q[probing] != state["x"][probing]).flatten(1).any(1).all()))
+        state = attack.observe(v, state, Reply(oracle(q).unsqueeze(1), q.unsqueeze(1)))
+        step = step + 1
+    assert (state["it"] >= 3).all(), state["it"]
+    assert moved and all(moved)
+
+
 def test_init_gives_up_after_init_tries():
     """A model no random image fools: each image spends the clean query and init_tries."""
 

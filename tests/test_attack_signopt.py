@@ -73,6 +73,32 @@ def test_converges_to_the_distance_of_a_linear_boundary(norm):
         assert (state["g"] < 0.8 * g[first, torch.arange(2)]).all()
 
 
+def test_bisection_ends_where_float32_cannot_reach_the_tolerance():
+    """At a boundary distance of 40 (L2) float32's spacing exceeds ``beta / 500``: each local
+    search must still end (about 20 bisections), not repeat its midpoint until the budget ends."""
+    from rfd.attacks.signopt import BIN
+
+    a = 2
+    x0 = 0.5 + 0.01 * torch.rand((a, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+
+    def oracle(q):  # adversarial outside an L2 sphere of radius 40
+        return (q - x0).flatten(1).norm(dim=1) > 40.0
+
+    attack = SignOPT("l2", k=20, directions=3)
+    keys, step, total = row_keys(0, torch.arange(a)), torch.zeros(a, dtype=torch.long), 10**6
+    state = attack.init(View(x0, 1.0, "l2", total, step + total - 1, step.clone(), KeyedRNG(keys)))
+    run = longest = torch.zeros(a, dtype=torch.long)
+    for _ in range(1200):
+        v = View(x0, 1.0, "l2", total, total - 1 - step, step.clone(),
+                 KeyedRNG(offset_rows(keys, step + 1)))  # fmt: skip
+        q = attack.propose(v, state)
+        state = attack.observe(v, state, Reply(oracle(q).unsqueeze(1), q.unsqueeze(1)))
+        run = torch.where(state["phase"] == BIN, run + 1, 0)
+        longest = torch.maximum(longest, run)
+        step += 1
+    assert (longest > 0).all() and (longest < 60).all(), longest
+
+
 def test_initial_directions_are_capped_by_the_budget():
     """With 300 queries at most 30 random directions are tried before the descent starts."""
     w = torch.ones(16)

@@ -40,6 +40,11 @@ Where this differs from the authors' code (github.com/Jianbo-Lab/HSJA) and why:
   re-estimates at the same point) once ``xi`` falls below the binary search's resolution
   ``theta * dist``, which keeps a randomized model from trapping an image in this loop.
 - No iteration cap (the code's ``num_iterations=40``): the query budget ends the attack.
+- Images are float32 here, float64 in the code. At 224 px the code's tolerances and probe radii
+  lie below float32's spacing (Linf: ``theta * dist`` is ~1e-11, a probe moves pixels by ~1e-9).
+  So a search also ends when its bracket can no longer shrink, and ``delta_t`` is at least
+  ``4 sqrt(d) eps_dtype``, which moves a probe's pixels by a few float steps. Neither bound is
+  reached at 28 or 32 px; without them an image would repeat one query until its budget ran out.
 """
 
 from __future__ import annotations
@@ -208,7 +213,11 @@ class HopSkipJump(Attack):
         lo = torch.where(search & ~ok, mid, lo)
         hi = torch.where(search & ok, mid, hi)
         searching = search | start
-        fin = searching & ~(hi - lo > thr)
+        # done within the tolerance, or once the bracket cannot shrink in the images' dtype: the
+        # authors' float64 tolerance (d^-2 of the distance, Linf) lies below float32's spacing at
+        # 224 px, and the midpoint would then repeat one end for the rest of the budget
+        half = (lo + hi) / 2
+        fin = searching & (~(hi - lo > thr) | (half == lo) | (half == hi))
         xb = self._toward(x0, ray, hi)  # the adversarial end of the bracket
         x = select(fin, xb, s["x"])
         dist = torch.where(fin, self._dist(xb, x0), s["dist"])
@@ -242,7 +251,10 @@ class HopSkipJump(Attack):
         n_t = torch.floor(self.init_num_evals * t.sqrt()).long().clamp(max=self.max_num_evals)
         n = torch.where(nxt, torch.minimum(n_t, left), s["n"])
         scale = math.sqrt(d) if self.norm == "l2" else d  # d^q
-        delta_t = torch.where(it == 1, 0.1, scale * theta * dist)
+        # the probe radius, floored where a probe would move pixels by less than the images'
+        # float spacing (224 px Linf in float32): an unmoved probe answers nothing
+        floor = 4.0 * math.sqrt(d) * torch.finfo(x0.dtype).eps
+        delta_t = torch.where(it == 1, 0.1, (scale * theta * dist).clamp(min=floor))
         delta = torch.where(nxt, delta_t, s["delta"])
         reset = nxt.to(x0.dtype).view(-1, 1, 1, 1)
         new_phase = torch.where(searching, SEARCH, phase)

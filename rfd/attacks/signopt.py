@@ -29,7 +29,9 @@ Differences from the authors' code (cmhcbb/attackbox, ``attack/Sign_OPT.py``), a
   radius (the published code keeps the first; the bracket is valid either way, ours is tighter);
   the search gives up beyond the largest distance the image box allows (``sqrt(d)`` in L2, 1 in
   Linf) instead of the published constant 20;
-- success is decided by the engine per query (first verified adversarial query inside the ball).
+- success is decided by the engine per query (first verified adversarial query inside the ball);
+- a binary search also ends when its float32 bracket can no longer shrink (the authors' float64
+  tolerance ``beta / 500`` is finer than float32's spacing at distances above 32).
 
 Linf follows the authors' ``attack/Sign_OPT_lf.py``: ``theta`` and the probes ``u`` are normalized to unit
 Linf norm (so ``g`` is the Linf distance), the initial search stops at 1e-5 and a step size below
@@ -51,6 +53,14 @@ UP, DOWN = 0, 1
 INIT_TOL = {"l2": 1e-3, "linf": 1e-5}  # the published initial binary-search tolerances
 STALL = {"l2": 1e-4, "linf": 1e-6}  # below this step size the published code resets alpha, beta
 LS_TRIES = 15  # the published line-search length (each way)
+
+
+def _stuck(lo: Tensor, hi: Tensor) -> Tensor:
+    """Whether a bisection bracket can no longer shrink in float32 (its midpoint is one end): at
+    distances above 32 the spacing of float32 exceeds the published tolerance ``beta / 500``, and
+    the midpoint would repeat one query for the rest of the budget."""
+    half = (lo + hi) / 2
+    return (half == lo) | (half == hi)
 
 
 class SignOPT(Attack):
@@ -161,7 +171,7 @@ class SignOPT(Attack):
         hi = torch.where(to_search, r, hi)
         hi = torch.where(search & adv, mid, hi)
         lo = torch.where(search & ~adv, mid, lo)
-        searched = search & (hi - lo <= INIT_TOL[self.norm])
+        searched = search & ((hi - lo <= INIT_TOL[self.norm]) | _stuck(lo, hi))
         better = searched & (hi < s["g"])
         s["theta"] = select(better, s["cand"], s["theta"])
         s["g"] = torch.where(better, hi, s["g"])
@@ -201,7 +211,7 @@ class SignOPT(Attack):
         # bisecting
         hi = torch.where(bsec & adv, mid, hi)
         lo = torch.where(bsec & ~adv, mid, lo)
-        local = (bsec & (hi - lo <= s["beta"] / 500)) | lost
+        local = (bsec & ((hi - lo <= s["beta"] / 500) | _stuck(lo, hi))) | lost
         new_g = torch.where(lost, float("inf"), hi)
 
         # -- line search on the step size (the published two loops)
