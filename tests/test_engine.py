@@ -173,3 +173,23 @@ def test_keyed_rng_moments():
     rows = r.normal(256)
     off = torch.corrcoef(rows[:20]) - torch.eye(20)
     assert off.abs().max() < 0.3  # independent rows: |r| ~ 1/16 each
+
+
+@pytest.mark.parametrize("kind", ["decision", "gradient"])
+def test_eot_majority_ties_go_to_the_higher_mean_logit_not_the_lower_class(kind):
+    """With an even EOT count a 1:1 split must not be decided by class index (which would make a
+    tie with the label adversarial for label 9 and never for label 0); more votes still win."""
+    from types import SimpleNamespace
+
+    from rfd.attacks.engine import EngineRun
+
+    lane = SimpleNamespace(kind=kind)
+    tied = torch.tensor([
+        [[3.0, 0.0, 1.0], [0.0, 0.0, 5.0]],  # one vote each for 0 and 2, mean favours 2
+        [[5.0, 0.0, 1.0], [0.0, 0.0, 2.0]],  # one vote each for 0 and 2, mean favours 0
+    ])  # fmt: skip
+    z, lab = EngineRun._reduce(None, lane, tied)
+    assert lab.tolist() == [2, 0] and torch.equal(z, tied.mean(1))
+    # two votes for 0 beat one for 2, whose logit makes the mean favour 2
+    _, lab = EngineRun._reduce(None, lane, torch.tensor([[[1.0, 0, 0], [1.0, 0, 0], [0, 0, 9.0]]]))
+    assert lab.tolist() == [0]

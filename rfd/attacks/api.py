@@ -64,7 +64,8 @@ def attack(
 ) -> AttackResult:
     """Attack a (possibly randomized) classifier through the engine, all images at once.
 
-    The model is only ever queried, never differentiated, and never reseeded. An ``rfd``
+    Query attacks only query the model; white-box attacks (``kind="gradient"``) also take its
+    input gradient, through the same forwards. The model is never reseeded. An ``rfd``
     defense (``rfd.protect``) draws its noise keyed by (its seed, image, query), so the same call
     gives the same result; any other model is queried as it is. The attacker draws from streams
     keyed by (``seed``, image, step). Each image first spends one charged clean query; images
@@ -76,14 +77,16 @@ def attack(
         images: (N, C, H, W) in [0, 1].
         labels: (N,) true labels.
         attack: a name in ``ATTACKS``.
-        norm: ``"linf"`` or ``"l2"`` (decision attacks: ``"linf"`` only).
+        norm: ``"linf"`` or ``"l2"``, where the attack supports it (RayS and SignFlip:
+            ``"linf"`` only; an unsupported pair is refused by name).
         eps: ball radius in [0, 1] pixel units; ``None`` picks :func:`default_eps` for the size.
         max_queries: charged-query budget per image, the clean query included.
         criterion: ``"vote"`` (a query that looks adversarial is re-queried 9 times, uncharged,
             and counts only if >= 5 are misclassified; the paper's rule), ``"single"`` (one
             misclassified query suffices, the "lucky" rule) or ``"none"`` (undefended semantics).
-        eot: each query is the mean of ``eot`` noisy logits (majority label for decision
-            attacks), charged ``eot`` queries.
+        eot: each query is answered from ``eot`` noisy forwards, charged ``eot`` queries: score
+            attacks read the mean logits; decision and gradient attacks the majority label (equal
+            votes go to the higher mean logit), gradient attacks the mean gradient and loss.
         seed: the attacker's seed.
         max_batch: rows per model forward (queries, EOT samples and votes together).
         ids: (N,) identities keying each image's randomness (e.g. dataset indices); default the

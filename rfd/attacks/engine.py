@@ -18,7 +18,10 @@ chunks whose proposals and observations each run as one batch of tensor ops.
 
 Randomness never depends on this packing: the attacker's draws are keyed by (attack seed, image,
 step) and the defense's by (defense seed, image, query, sample) (:mod:`rfd.rng`), so an image's
-result is the same whatever batch size, job order or number of devices is used.
+result is the same whatever batch size, job order or number of devices is used. For query
+attacks on CPU that holds bit for bit. Gradient queries (white-box attacks) differ in the last
+float bits between packings, because a backward pass through a batch is not batch-invariant;
+their successes and query counts matched in every packing tried.
 """
 
 from __future__ import annotations
@@ -458,8 +461,11 @@ class EngineRun:
         if lane.kind == "score":
             z = raw.mean(1)
             return z, z.argmax(1)
-        counts = F.one_hot(raw.argmax(2), raw.shape[2]).sum(1)
-        return raw.mean(1), counts.argmax(1)  # ties go to the lowest class index
+        z, k = raw.mean(1), raw.shape[2]
+        counts = F.one_hot(raw.argmax(2), k).sum(1)
+        # equal votes go to the higher mean logit: the lowest class index would make a tie with
+        # the label adversarial for high labels and never for label 0
+        return z, (counts * k + z.argsort(1).argsort(1)).argmax(1)
 
     def _chunk(self, kind: str, lane: _Lane, g: Tensor, x: Tensor, gi: Tensor, keys: Tensor,
                extra: dict[str, Any]) -> _Chunk:  # fmt: skip
@@ -634,6 +640,7 @@ class EngineRun:
                 self._end_or_continue(lane, g[back], None, None)
             else:
                 self._succeed(g[ok], ch.extra["points"][ok], ch.extra["fooled_at"][ok])
+                back = self._vote_next(lane, ch, back)
                 # not confirmed: the step's answers were observed with the rest of its chunk
                 # (the state is in the slots); the job goes on or ends as any other would
                 done = ch.extra["done"]
@@ -716,18 +723,45 @@ class EngineRun:
             self._end_or_continue(lane, g, view, state)
             return
         h, miss = hit.nonzero()[:, 0], (~hit).nonzero()[:, 0]
-        first = fooled[h].int().argmax(1)  # argmax returns the first fooling query of the step
-        pts = q[h, first]
-        fooled_at = used_before[h] + (first + 1) * m
         if lane.criterion == "vote":
             self.phase[g[h]] = VOTE
-            qnum = used_before[h] // m + first + 1
             done = state["done"][h] if "done" in state else None
-            extra = {"fooled_at": fooled_at, "done": done}
-            self._enqueue(self._vote_chunk("vote-step", lane, g[h], pts, qnum, extra))
+            # the step's fooling queries are voted in query order until one is confirmed
+            extra = {"done": done, "rest": fooled[h], "q": q[h], "base": used_before[h]}
+            self._vote_first(lane, g[h], extra)
         else:
-            self._succeed(g[h], pts, fooled_at)
+            first = fooled[h].int().argmax(1)  # argmax returns the first fooling query
+            self._succeed(g[h], q[h, first], used_before[h] + (first + 1) * lane.eot)
         self._end_or_continue(lane, g[miss], view, state, rows=miss)
+
+    def _vote_first(self, lane: _Lane, g: Tensor, extra: dict[str, Any]) -> None:
+        """Vote the first fooling query left in each job's step: ``extra["rest"]`` (A, R) marks
+        the step's fooling queries not voted yet, ``extra["q"]`` (A, R, ...) holds them."""
+        m, rest, base = lane.eot, extra["rest"].clone(), extra["base"]
+        first = rest.int().argmax(1)  # argmax returns the first True
+        rows = torch.arange(g.shape[0], device=g.device)
+        rest[rows, first] = False
+        pts = extra["q"][rows, first]
+        extra = {**extra, "rest": rest, "fooled_at": base + (first + 1) * m}
+        self._enqueue(self._vote_chunk("vote-step", lane, g, pts, base // m + first + 1, extra))
+
+    def _vote_next(self, lane: _Lane, ch: _Chunk, back: Tensor) -> Tensor:
+        """After failed votes (rows ``back`` of a vote chunk): jobs whose step holds another
+        fooling query vote it next; returns the rows whose step has none left. Voting only the
+        first would drop later fooling queries of the step that were sent and charged."""
+        rest = ch.extra["rest"]
+        if back.numel() == 0 or rest.shape[1] == 1:
+            return back
+        more = rest[back].any(1)
+        if not bool(more.any()):
+            return back
+        nxt = back[more]
+        self.phase[ch.jobs[nxt]] = VOTE
+        done = ch.extra["done"]
+        extra = {"done": None if done is None else done[nxt], "rest": rest[nxt],
+                 "q": ch.extra["q"][nxt], "base": ch.extra["base"][nxt]}  # fmt: skip
+        self._vote_first(lane, ch.jobs[nxt], extra)
+        return back[~more]
 
     def _mark_randomized(self, ci: int) -> None:
         st = self.stats[ci]

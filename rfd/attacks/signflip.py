@@ -8,8 +8,9 @@ in Linf (10 steps), then alternate two steps, each one query and kept only if th
 adversarial: (1) a random +-alpha perturbation projected onto a slightly smaller Linf ball,
 shrinking the perturbation; (2) flipping the sign of a few random coordinates of the
 perturbation. Every ``adapt_every`` iterations, alpha and the flip probabilities adapt to the
-acceptance rates. Unlike the published code, the random initialization and the binary search are
-charged to the budget; success is the first verified adversarial query inside the epsilon ball.
+acceptance rates. The random initialization and the binary search are charged to the budget (the
+published code charges its binary search but not the random images it tries first); success is
+the first verified adversarial query inside the epsilon ball.
 Each image walks these phases on its own.
 """
 
