@@ -182,6 +182,20 @@ class _EvalSplits:
             num_workers=self.num_workers,
         )
 
+    def val_calibration_dataloader(
+        self, n: int, seed: int = 0, batch_size: int | None = None
+    ) -> DataLoader:
+        """``n`` random validation images (at most all of them): calibration data for a run that
+        reports on the whole test split, where no test image may tune the defense. The
+        validation split is held out of training, so the model has not fit these images either."""
+        m = len(self.val_set)
+        order = np.random.default_rng(seed).permutation(m)[: min(n, m)]
+        return DataLoader(
+            Subset(self.val_set, np.sort(order).tolist()),
+            batch_size=batch_size or self.batch_size,
+            num_workers=self.num_workers,
+        )
+
 
 def _split_train_val(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)

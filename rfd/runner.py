@@ -82,6 +82,7 @@ class _ModelGrid:
         self.lr, self.s, self.attacks, self.eps, self.run_dir = lr, s, attacks, eps, run_dir
         self.calibrations: dict[str, Any] = {}
         self.nus: dict[str, Any] = {}
+        self.layers: dict[str, str] = {}
 
     def cell_dir(self, defense: str, attack: str) -> Path:
         return self.run_dir / "cells" / f"{self.lr.name}__{defense}__{attack}"
@@ -104,10 +105,14 @@ class _ModelGrid:
                 cache_dir=cfg.get("cache_dir"), checkpoint=self.lr.checkpoint, **opts,
             )  # fmt: skip
             self.calibrations[name], nu = cal, cal.nu
+            if cal.chosen is not None:  # "auto" resolved once, at the target drop asked for
+                layers = cal.chosen
         if cls.needs_data(layers, opts):
             opts["data"] = self.calibration_data(s, s.n_calibration)
         d = protect(model, name, layers=layers, nu=0.0 if nu is None else nu, seed=s.seed, **opts)
         self.nus[name] = d.nu if cls.calibrated else None
+        if cls.layered:  # the layers used ("auto" resolved), for the report
+            self.layers[name] = ",".join(d.layers)
         return d
 
     def __call__(self, model: Any) -> list[Any]:
@@ -317,7 +322,7 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
                 model=display, tag=tag, defense=cell.defense, attack=cell.attack_name, norm=s.norm,
                 eps=eps, criterion=s.criterion, success_rule=s.success, eot=s.eot,
                 max_queries=budget, paper=s.paper,
-                nu=grid.nus.get(cell.defense), layers=s.layers if cal or cell.defense == "feature" else None,
+                nu=grid.nus.get(cell.defense), layers=grid.layers.get(cell.defense),
                 calibration=({"target_drop": cal.target_drop, "drop": cal.drop,
                               "drop_std": cal.drop_std, "clean_acc": cal.clean_acc} if cal else None),
                 attack_params=dict(cell.attack.params), bpda=s.bpda,

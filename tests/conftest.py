@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +14,10 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# a private calibration cache: tests neither read the user's (entries of other versions, other
+# models) nor leave theirs behind; child processes (the CLI tests) inherit it
+os.environ["RFD_CACHE_DIR"] = tempfile.mkdtemp(prefix="rfd-test-cache-")
+atexit.register(shutil.rmtree, os.environ["RFD_CACHE_DIR"], True)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if "OMP_NUM_THREADS" not in os.environ:  # 2 cores on CI; respect an explicit setting

@@ -278,15 +278,18 @@ def test_layer_and_strength_sweeps(tiny_resnet: nn.Module, tmp_path: Path):
     x, y = self_labelled(tiny_resnet, 10, seed=1)
     calib = self_labelled(tiny_resnet, 60, seed=2)
     sweep = A.layer_sweep(
-        tiny_resnet, (x, y), calib, layers=["layer4"], target_drop=0.1, max_queries=40,
-        n_images=10, n_calib=60, n_passes=2, cache_dir=str(tmp_path), use_cache=False,
+        tiny_resnet, (x, y), calib, layers=["layer3", "layer4"], target_drop=0.1,
+        max_queries=40, n_images=10, n_calib=60, n_passes=2, cache_dir=str(tmp_path),
+        use_cache=False,
     )  # fmt: skip
-    assert [r["layer"] for r in sweep.rows] == ["none", "input", "layer4"]
+    assert [r["layer"] for r in sweep.rows] == ["none", "input", "layer3", "layer4"]
     for r in sweep.rows:
         assert 0 <= r["robust_acc"] <= r["attack_clean_acc"] <= 1
     for r in sweep.rows[1:]:
         assert r["nu"] > 0 and abs(r["clean_drop"] - 0.1) < 0.05
-    assert sweep.auto == "layer4" and sweep.best == "layer4"
+    hidden = sweep.rows[2:]  # auto: the highest score; best: the highest robust accuracy
+    assert sweep.auto == max(hidden, key=lambda r: r["score"])["layer"]
+    assert sweep.best == max(hidden, key=lambda r: r["robust_acc"])["layer"]
 
     strength = A.strength_sweep(
         tiny_resnet, (x, y), calib, attacks=["square", "signhunter"],
@@ -416,6 +419,30 @@ def test_cli_ratios_end_to_end(capsys: pytest.CaptureFixture, tmp_path: Path, ti
     assert "| layer |" in capsys.readouterr().out
     for name in ("ratios.md", "ratios.csv", "ratios.json", "ratios_per_image.csv", "ratios.png"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST is not installed (make data)")
+@pytest.mark.parametrize("command", ["layer-sweep", "strength-sweep"])
+def test_cli_sweeps_tune_nu_on_images_they_do_not_attack(
+    command: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_resnet
+):
+    """The calibration split must exclude the images actually attacked (here 40), not only the
+    default 1000-image evaluation subset: balanced subsets of different sizes are not nested."""
+    from rfd.analysis import sweeps
+
+    class Seen(BaseException):
+        pass
+
+    def spy(model, eval_data, calib, **kw):
+        raise Seen(set(eval_data.dataset.indices), set(calib.dataset.indices))
+
+    monkeypatch.setattr(sweeps, command.replace("-", "_"), spy)
+    ckpt = _checkpoint(tmp_path, tiny_resnet)
+    argv = [command, "--checkpoint", str(ckpt), "--n-images", "40", "--out", str(tmp_path / "o")]
+    with pytest.raises(Seen) as seen:
+        cli.main(argv)
+    attacked, calibration = seen.value.args
+    assert len(attacked) == 40 and calibration and not attacked & calibration
 
 
 def test_reports_log_to_an_active_wandb_run_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

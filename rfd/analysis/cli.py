@@ -225,11 +225,12 @@ def _eps(dm: Any, model: Any, norm: str, eps: float | None) -> float:
     return default_eps(int(x.shape[-1]), norm)
 
 
-def _calibrated_nu(model: Any, dm: Any, layer: str, drop: float, args: Any) -> float:
+def _calibrated_nu(model: Any, dm: Any, layer: str, drop: float, args: Any, n_eval: int) -> float:
+    """nu at ``drop``, calibrated on 500 images disjoint from the ``n_eval`` measured ones."""
     from rfd.analysis.gradients import INPUT
     from rfd.defenses import calibrate
 
-    loader = dm.calibration_dataloader(500, args.seed, batch_size=args.batch_size)
+    loader = dm.calibration_dataloader(500, args.seed, batch_size=args.batch_size, n_eval=n_eval)
     if layer == INPUT:
         return calibrate(model, "input", data=loader, target_drop=drop, n_passes=3)
     return calibrate(model, "feature", layers=layer, data=loader, target_drop=drop, n_passes=3)
@@ -305,7 +306,7 @@ def _run(args: argparse.Namespace) -> dict[str, Path]:
     elif args.command == "theorem1":
         probes = [_probe(s) for s in args.probes]
         eps = _eps(dm, model, "linf", args.eps)
-        nu = args.nu or _calibrated_nu(model, dm, args.layer, args.target_drop, args)
+        nu = args.nu or _calibrated_nu(model, dm, args.layer, args.target_drop, args, n)
         results = [
             T.theorem1_check(
                 model,
@@ -339,7 +340,7 @@ def _run(args: argparse.Namespace) -> dict[str, Path]:
         res = S.layer_sweep(
             model,
             eval_data,
-            dm.calibration_dataloader(args.n_calib, args.seed, batch_size=args.batch_size),
+            dm.calibration_dataloader(args.n_calib, args.seed, args.batch_size, n_eval=n),
             layers=args.layers,
             target_drop=args.target_drop,
             attack=args.attack,
@@ -382,7 +383,7 @@ def _run(args: argparse.Namespace) -> dict[str, Path]:
         res = S.strength_sweep(
             model,
             eval_data,
-            dm.calibration_dataloader(args.n_calib, args.seed, batch_size=args.batch_size),
+            dm.calibration_dataloader(args.n_calib, args.seed, args.batch_size, n_eval=n),
             attacks=args.attacks,
             values=values,
             defenses=args.defenses,
@@ -411,7 +412,7 @@ def _run(args: argparse.Namespace) -> dict[str, Path]:
         files["png"] = R.plot_strength(res.rows, out / "strength_sweep.png")
         _print(res.rows)
     elif args.command == "first-order":
-        nu = args.nu or _calibrated_nu(model, dm, args.layer, args.target_drop, args)
+        nu = args.nu or _calibrated_nu(model, dm, args.layer, args.target_drop, args, n)
         res = T.first_order_error(
             model,
             eval_data,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -135,10 +136,12 @@ def calibrate_report(
         ValueError: bad arguments, or a defense with nothing to calibrate.
         RuntimeError: the target drop cannot be reached.
     """
+    chosen = None
     if layers == AUTO and defense in DEFENSES and DEFENSES[defense].layered:
         data = calibration.read_calibration_data(defense, data, target_drop, n_passes)
-        layers = auto_layer(model, data, target_drop=target_drop, cache_dir=cache_dir)
-    return calibration.calibrate_report(
+        layers = chosen = auto_layer(model, data, target_drop=target_drop, cache_dir=cache_dir)
+    cal = calibration.calibrate_report(
         model, defense, layers, data, target_drop, n_passes, tol, seed, cache_dir, use_cache,
         checkpoint, nu_start, max_evals, **opts,
     )  # fmt: skip
+    return replace(cal, chosen=chosen) if chosen is not None else cal

@@ -37,6 +37,9 @@ from rfd.models import (
 )
 
 AUTO = "auto"  # layers="auto": the layer rfd.defenses.autolayer.auto_layer ranks most robust
+# Part of every cache key: bump it when the noise draws or the search change, so that a nu found
+# under the old ones (a stale drop for the same key) is computed again instead of reused.
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class Calibration:
         noisy_acc: mean defended accuracy at ``nu``.
         history: every ``(nu, drop)`` evaluated, in order, to audit the search.
         cached: whether this came from the on-disk cache.
+        chosen: the layer ``layers="auto"`` picked, as ``rfd.protect`` names it (None when the
+            layers were given): build the defense there, at the drop it was picked for.
     """
 
     nu: float
@@ -66,6 +71,7 @@ class Calibration:
     seed: int
     history: list[tuple[float, float]] = field(default_factory=list)
     cached: bool = False
+    chosen: str | None = None
 
 
 def default_cache_dir() -> Path:
@@ -133,6 +139,7 @@ def calibrate_report(
     names = [layers] if isinstance(layers, str) else list(layers)
     resolved = [resolve_layer(model, s) for s in names] if cls.layered else [defense]
     key = {
+        "version": CACHE_VERSION,
         "model": file_hash(checkpoint) if checkpoint is not None else model_hash(model),
         "defense": defense,
         "layers": resolved,

@@ -27,8 +27,9 @@ class NoiseDefense(pl.Callback):
         nu: noise standard deviation; ``None`` with ``target_drop`` calibrates it first.
         target_drop: clean-accuracy drop to calibrate nu for (fraction, 0.02 = 2 points).
         seed: seed of the defense's own generator.
-        n_calibration: calibration images, taken from the datamodule's
-            ``calibration_dataloader(n, seed)`` (disjoint from the evaluation subset).
+        n_calibration: calibration images, a random subset of the datamodule's validation
+            split (``val_calibration_dataloader(n, seed)``): ``trainer.test`` reports on the
+            whole test split, so no test image may tune nu.
         calibration_seed: seed of the calibration subset and of the calibration noise.
         n_passes: noisy passes per calibration evaluation.
         cache_dir: calibration cache folder (default ``~/.cache/rfd/calibration``).
@@ -87,6 +88,7 @@ class NoiseDefense(pl.Callback):
             self.detach(pl_module)
         model = getattr(pl_module, self.attr)
         nu: float | Sequence[float] | None = self.nu
+        layers = self.layers
         if nu is None and self.target_drop is not None and self.cls.calibrated:
             self.calibration = calibrate_report(
                 model,
@@ -100,11 +102,13 @@ class NoiseDefense(pl.Callback):
                 **self.options,
             )
             nu = self.calibration.nu
+            if self.calibration.chosen is not None:  # "auto" resolved once, at the target drop
+                layers = self.calibration.chosen
         opts = dict(self.options)
-        if self.cls.needs_data(self.layers, opts) and "data" not in opts:
+        if self.cls.needs_data(layers, opts) and "data" not in opts:
             opts["data"] = self._calibration_data(trainer)
         self.defended = protect(
-            model, self.defense, self.layers, nu=0.0 if nu is None else nu, seed=self.seed, **opts
+            model, self.defense, layers, nu=0.0 if nu is None else nu, seed=self.seed, **opts
         )
         self._original = model
         setattr(pl_module, self.attr, self.defended)
@@ -120,9 +124,9 @@ class NoiseDefense(pl.Callback):
 
     def _calibration_data(self, trainer: pl.Trainer) -> Any:
         dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "calibration_dataloader"):
+        if dm is None or not hasattr(dm, "val_calibration_dataloader"):
             raise ValueError(
-                "calibrating nu needs a datamodule with calibration_dataloader(n, seed); "
+                "calibrating nu needs a datamodule with val_calibration_dataloader(n, seed); "
                 "or give nu explicitly"
             )
-        return dm.calibration_dataloader(self.n_calibration, seed=self.calibration_seed)
+        return dm.val_calibration_dataloader(self.n_calibration, seed=self.calibration_seed)
