@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -507,3 +508,52 @@ def test_defense_configs_build_the_callback(name: str) -> None:
 
 class _StubTrainer:
     datamodule = None
+
+
+def test_a_module_run_twice_in_one_forward_gets_fresh_noise_each_time():
+    """Noise is fresh per call, as Theorem 1's variance term assumes (independent draws): a
+    shared block that runs twice in one forward must not repeat its first draw."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = torch.zeros(x.shape[0], 4)
+            return torch.cat([self.shared(z), self.shared(z)], 1)  # the same input twice
+
+    net = Twice().eval()
+    x = torch.rand(3, 1, 2, 2)
+    with rfd.protect(net, "feature", layers="shared", nu=1.0, seed=0) as d, torch.no_grad():
+        out = d(x)
+    first, second = out[:, :4], out[:, 4:]
+    assert not torch.allclose(first, second)
+
+
+def test_jpeg_tables_follow_libjpeg_and_the_round_trip_matches_pil():
+    """libjpeg's integer quality scaling with baseline tables (1..255, what PIL writes), and the
+    defense's round trip within a grey level of PIL's on average."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from rfd.defenses.jpeg import jpeg, quant_table
+
+    assert quant_table(30)[0, 7] == (61 * (5000 // 30) + 50) // 100  # 101; float scaling: 102
+    assert quant_table(5).max() == 255 and quant_table(100).min() == 1
+    g = torch.Generator().manual_seed(0)
+    x = F.interpolate(torch.rand(3, 1, 7, 7, generator=g), size=28, mode="bilinear")
+    x = ((0.8 * x + 0.2 * torch.rand(3, 1, 28, 28, generator=g)) * 255).round() / 255
+    for q in (75, 30, 5):
+        ours, gaps = jpeg(x, q), []
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray((x[i, 0].numpy() * 255).round().astype(np.uint8), "L").save(
+                buf, "JPEG", quality=q
+            )
+            ref = torch.from_numpy(np.asarray(Image.open(buf), dtype=np.float32) / 255)
+            gaps.append(float((ours[i, 0] - ref).abs().mean()) * 255)  # grey levels
+        # PIL rounds its output to 8 bits and uses integer DCTs: about 0.3 levels on average
+        assert sum(gaps) / len(gaps) < 0.8 and max(gaps) < 2.0, (q, gaps)

@@ -34,10 +34,11 @@ _CHROMA = [17, 18, 24, 47] + [99] * 4 + [18, 21, 26, 66] + [99] * 4 + [24, 26, 5
 
 
 def quant_table(quality: int, chroma: bool = False) -> Tensor:
-    """The 8x8 quantization table at ``quality`` (1..100), libjpeg's scaling."""
-    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    """The 8x8 quantization table at ``quality`` (1..100), libjpeg's scaling: integer
+    arithmetic, entries kept in 1..255 as baseline JPEG (and PIL) forces below quality ~25."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
     base = torch.tensor(_CHROMA if chroma else _LUMA, dtype=torch.float32).view(8, 8)
-    return ((base * scale + 50) // 100).clamp(min=1)
+    return ((base * scale + 50) // 100).clamp(1, 255)
 
 
 _TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5],

@@ -122,7 +122,8 @@ class RowForward:
                     self.layers.setdefault(spec.layer, []).append((p, spec))
         self._streams = {layer: stream_id(f"layer:{layer}") for layer in self.layers}
         self._handles: list[Any] = []
-        self._call: tuple[Tensor, Tensor, dict[int, Tensor | None]] | None = None
+        # the current call: plan, keys, rows of each plan, and how often each layer has run
+        self._call: tuple[Tensor, Tensor, dict[int, Tensor | None], dict[str, int]] | None = None
         self._model: nn.Module = base
         self._entered = 0
 
@@ -157,7 +158,7 @@ class RowForward:
     def rows_of(self, p: int) -> Tensor | None:
         """Row indices of plan ``p`` in the current call (``None``: every row)."""
         assert self._call is not None
-        plan, _, cache = self._call
+        plan, _, cache, _ = self._call
         if p not in cache:
             cache[p] = None if len(self.plans) == 1 else (plan == p).nonzero()[:, 0]
         return cache[p]
@@ -170,7 +171,7 @@ class RowForward:
         if not self._entered:
             with self:
                 return self(x, plan, keys, bpda)
-        self._call = (plan, keys, {})
+        self._call = (plan, keys, {}, {})
         try:
             if self.inputs:
                 x = x.clone()
@@ -230,14 +231,17 @@ class RowForward:
             return None
         if not isinstance(out, Tensor):
             raise TypeError(f"layer {layer!r} returns {type(out).__name__}, not a tensor")
-        _, keys, _ = self._call
+        _, keys, _, calls = self._call
+        # a module that runs twice in one forward (a shared block) gets fresh noise each time
+        n = calls[layer] = calls.get(layer, -1) + 1
+        stream = (self._streams[layer],) if n == 0 else (self._streams[layer], n)
         shape = out.shape[1:]
         for p, spec in self.layers[layer]:
             idx = self.rows_of(p)
             k = keys if idx is None else keys[idx]
             if idx is not None and idx.numel() == 0:
                 continue
-            z = unit_noise(KeyedRNG(k).stream(self._streams[layer]), shape, spec.dist, out.dtype)
+            z = unit_noise(KeyedRNG(k).stream(*stream), shape, spec.dist, out.dtype)
             d = spec.nu * z if spec.scale is None else spec.nu * channel_view(spec.scale, z) * z
             out = out + d if idx is None else out.index_add(0, idx, d)
         return out
