@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attacks import success_on_trained
+from test_attacks import success_on_trained, tiny_cnn
 from torch import nn
 
 import rfd
 from rfd.attacks import View
 from rfd.attacks.base import Reply
-from rfd.attacks.parsimonious import DEL_EVAL, INS_EVAL, START, Parsimonious
+from rfd.attacks.parsimonious import (
+    DEL_EVAL,
+    DEL_LAZY,
+    INS_EVAL,
+    INS_LAZY,
+    START,
+    Parsimonious,
+    first_rejected,
+)
 from rfd.rng import KeyedRNG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,10 +93,12 @@ def test_lazy_greedy_on_a_separable_loss():
     expect[neg[g[neg].argmax()]] = False
     assert torch.equal(kept, expect)
     assert int(state["phase"]) == INS_EVAL and int(state["bs"]) == 1  # next pass, 1 px blocks
-    # the incumbent is the observed margin of the kept vertex, bit for bit
+    # the stored loss is the observed margin of the kept vertex, bit for bit
     best = att.best(view, state)
-    assert torch.equal(att.incumbent(view, state), margin(best))
-    assert float(att.incumbent(view, state)) < float(margin(view.lower))
+    assert torch.equal(state["loss"], margin(best))
+    assert float(state["loss"]) < float(margin(view.lower))
+    # in an evaluation phase every fooling query counts under "improved" (published early stop)
+    assert float(att.incumbent(view, state)) == float("inf")
 
 
 def test_every_query_is_a_vertex_and_blocks_are_shuffled_per_pass():
@@ -120,6 +130,111 @@ def test_packing_does_not_change_results():
     assert torch.equal(a.adv, b.adv.flip(0)) and torch.equal(a.queries, b.queries.flip(0))
     c = rfd.attack(net, x, y, success="improved", **kw)
     assert torch.equal(a.success, c.success)
+
+
+def _observe_one(att, view, state, m):
+    """``observe`` of a copy of ``state`` answered with margins ``m`` (A,); returns whether each
+    lazy re-evaluation was accepted (its block flipped)."""
+    s = {k: v.clone() for k, v in state.items()}
+    q = view.project(att.propose(view, s))
+    reply = Reply((m < 0).unsqueeze(1), q.unsqueeze(1), m.unsqueeze(1))
+    new = att.observe(view, s, reply)
+    return (new["up"] != state["up"]).any(1)
+
+
+def test_incumbent_is_the_published_early_stopping_rule():
+    """The authors' code returns success at any fooled start or evaluated candidate, but at a
+    fooled re-evaluated candidate only if the lazy step accepts it. ``margin < incumbent`` (the
+    engine's "improved" test) must say exactly that, for the margin each step really got and at
+    the float boundary itself, including candidates below the stored loss that are pushed back
+    (the old incumbent, the stored loss, counted those and missed fooled evaluations above it)."""
+    gen = torch.Generator().manual_seed(4)
+    a = 6
+    x0 = torch.rand(a, 1, 8, 8, generator=gen)
+    att = Parsimonious(block_frac=0.25, batch_size=8)
+    view = make_view(x0)
+    w1 = torch.randn(a, 64, generator=gen)
+    w2 = torch.randn(a, 64, generator=gen)
+    # not separable over blocks: re-evaluated gains change, so the lazy steps push and stop too
+
+    def margin(x: torch.Tensor) -> torch.Tensor:
+        return (w1 * x.flatten(1)).sum(1) + 3 * (w2 * x.flatten(1)).sum(1).tanh()
+
+    state = att.init(view)
+    inf = torch.full((a,), float("inf"))
+    seen = {"eval": 0, "accepted": 0, "refused below loss": 0}
+    for _ in range(150):
+        inc = att.incumbent(view, state)
+        lazy = (state["phase"] == INS_LAZY) | (state["phase"] == DEL_LAZY)
+        assert torch.equal(inc[~lazy], inf[~lazy])  # START and EVAL: any fooled query counts
+        m = margin(view.project(att.propose(view, state)))
+        accepted = _observe_one(att, view, state, m)
+        assert torch.equal((m < inc)[lazy], accepted[lazy])
+        # the boundary is exact: the float below the incumbent is accepted, the incumbent not
+        if bool(lazy.any()):
+            below = torch.nextafter(inc, -inf)
+            assert bool(_observe_one(att, view, state, below)[lazy].all())
+            assert not bool(_observe_one(att, view, state, inc)[lazy].any())
+        seen["eval"] += int((~lazy & (state["phase"] != START)).sum())
+        seen["accepted"] += int((lazy & accepted).sum())
+        seen["refused below loss"] += int((lazy & ~accepted & (m < state["loss"])).sum())
+        state, _ = drive(att, view, state, margin, 1)
+    assert min(seen.values()) > 0, seen
+
+
+@pytest.mark.parametrize(
+    "loss,top",
+    [
+        (1.0, -1.0 - 2**-23),  # many floats round to one gain: loss + top is 2**23 floats off
+        (0.3, 0.5),  # a worse other gain: only "gain <= 0" binds, i.e. m <= loss
+        (0.3, -0.1),
+        (2.0, float("inf")),  # nothing else queued
+        (-0.5, -0.25),  # a fooled kept point (after a failed vote)
+    ],
+)
+def test_lazy_incumbent_is_the_exact_acceptance_boundary(loss, top):
+    att = Parsimonious(block_frac=0.5, batch_size=4)
+    view = make_view(torch.full((1, 1, 4, 4), 0.5))
+    state = att.init(view)
+    state["phase"][:] = INS_LAZY
+    state["slot"][:] = 0
+    state["loss"][:] = loss
+    state["score"][0] = torch.tensor([-5.0, top, float("inf"), float("inf")])
+    inc = att.incumbent(view, state)
+    below = torch.nextafter(inc, torch.tensor(-float("inf")))
+    assert bool(_observe_one(att, view, state, below)) and not _observe_one(att, view, state, inc)
+    if loss == 1.0:
+        assert float(inc) == -(2**-24)
+
+
+def test_first_rejected_handles_non_finite_values():
+    loss = torch.tensor([float("inf"), float("nan"), 1.0, 1.0])
+    cap = torch.tensor([0.0, 0.0, float("nan"), -float("inf")])
+    t = first_rejected(loss, cap)
+    # +inf loss: every finite m has m - loss = -inf, accepted; NaN: never accepted;
+    # cap -inf: m - 1 <= -inf only for m = -inf
+    assert t.tolist() == [float("inf"), -float("inf"), -float("inf"), -3.4028234663852886e38]
+    # float64 keys span more than int64: the bisection must not overflow
+    loss, cap = torch.tensor([0.25, 3.0], dtype=torch.float64), torch.tensor([-0.5, 0.0]).double()
+    t = first_rejected(loss, cap)
+    below = torch.nextafter(t, torch.full_like(t, -float("inf")))
+    assert t.dtype == torch.float64 and ((below - loss) <= cap).all() and ((t - loss) > cap).all()
+    assert float(t[0]) == -0.25 + 2**-54  # -0.25 + 2**-55 still rounds to a gain of -0.5
+
+
+def test_improved_on_a_deterministic_model_fools_the_same_images_some_later():
+    """Without noise the published rule loses no success of "any" here, but it can count one
+    later: a fooled candidate pushed back by a lazy step (a better stored gain remains) does not
+    stop the search; it counts when popped again and accepted (image 7: query 59, not 56)."""
+    net = tiny_cnn()
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    kw = dict(attack="parsimonious", eps=0.04, max_queries=100, criterion="none", seed=2)
+    a = rfd.attack(net, x, y, **kw)
+    b = rfd.attack(net, x, y, success="improved", **kw)
+    assert int(a.success.sum()) >= 8 and torch.equal(a.success, b.success)
+    assert bool((b.fooled_at >= a.fooled_at).all()) and bool((b.fooled_at > a.fooled_at).any())
 
 
 @pytest.mark.parametrize(

@@ -97,9 +97,10 @@ def attack(
             non-differentiable part (JPEG) in its place (Athalye et al. 2018); ``False``
             differentiates through the defense as implemented (and meets its masked gradient).
         success: which fooling queries count. ``"any"``: every one the criterion confirms (the
-            stricter evaluation). ``"improved"``: only one that also lowers the attack's incumbent
-            loss, the rule of the paper's public code for random-search and greedy attacks
-            (Square, SimBA, Parsimonious); attacks without an incumbent are unaffected.
+            stricter evaluation). ``"improved"``: only one whose margin is also below the
+            attack's incumbent (``Attack.incumbent``: the stored loss of Square and SimBA, the
+            published early stop of Parsimonious), the rule of the paper's public code for
+            random-search and greedy attacks; attacks without an incumbent are unaffected.
         **attack_kwargs: hyperparameters overriding the attack's defaults (see ``ATTACKS``).
 
     Returns:

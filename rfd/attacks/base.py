@@ -353,13 +353,14 @@ class Attack:
         return view.x0
 
     def incumbent(self, view: View, state: State) -> Tensor | None:
-        """The margin loss (A,) of the point this attack currently keeps, or None if it keeps none.
+        """The margin (A,) a fooling query must be below to count under ``success="improved"``,
+        or None if this attack keeps no incumbent.
 
-        Random-search and greedy attacks (Square, SimBA, Parsimonious, ...) accept a candidate
-        only when it lowers this stored loss. Under ``success="improved"`` (the published code's
-        rule) the engine counts a fooling query only if its margin is below this value, read
-        before ``observe``; attacks returning None (gradient estimators, decision attacks) are
-        judged by ``success="any"`` either way.
+        Random-search and greedy attacks accept a candidate only when it lowers their stored
+        loss, and their published code stops only at a fooling query it accepts: Square and
+        SimBA return that stored loss; Parsimonious returns the threshold of its own early stop.
+        The engine reads it before ``observe``; attacks returning None (gradient estimators,
+        decision attacks) are judged by ``success="any"`` either way.
         """
         return None
 

@@ -40,6 +40,17 @@ Differences from the published code, and why:
   fraction of the image side, ``block_frac = 1/8`` (4/32), rounded half up: 4 px at 28 and 32px,
   28 at 224px. With the published ``max_iters = 1`` one insertion and one deletion round run per
   mini-batch.
+
+Success under ``success="improved"`` (the published code's rule) follows the authors' early
+stopping, which depends on the phase rather than on a stored loss: a fooled start or a fooled
+candidate of an evaluation round returns success whatever its loss, while a fooled re-evaluated
+candidate counts only if the lazy step accepts it (its gain is no worse than the best other stored
+gain and not positive; one pushed back or ending the round does not count, even if its loss is
+below the current one). :meth:`Parsimonious.incumbent` returns the threshold that makes the
+engine's ``margin < incumbent`` exactly that test: ``+inf`` in the start and evaluation phases, and
+in a lazy phase the smallest margin the acceptance test rejects. So even a deterministic model can
+see a later success under ``improved`` than under ``any``: a fooled candidate that is pushed back
+is only counted when it is popped again and accepted.
 """
 
 from __future__ import annotations
@@ -55,10 +66,52 @@ from rfd.rng import KeyedRNG
 
 START, INS_EVAL, INS_LAZY, DEL_EVAL, DEL_LAZY = 0, 1, 2, 3, 4
 INF = float("inf")
+# the integer type of each float type's bit pattern, for stepping through floats in order
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}  # fmt: skip
 
 
 def _ceil_div(a: Tensor | int, b: Tensor) -> Tensor:
     return torch.div(a + b - 1, b, rounding_mode="floor")
+
+
+def _float_key(x: Tensor) -> Tensor:
+    """int64 keys in the order of the floats ``x`` (no NaN): adjacent floats get adjacent keys,
+    both zeros 0."""
+    bits = _BITS[x.dtype]
+    i = x.view(bits).long()
+    return torch.where(i < 0, -(i & torch.iinfo(bits).max), i)
+
+
+def _key_float(k: Tensor, dtype: torch.dtype) -> Tensor:
+    """The floats of keys ``k`` (:func:`_float_key` inverted)."""
+    bits = _BITS[dtype]
+    return torch.where(k < 0, torch.iinfo(bits).min - k, k).to(bits).view(dtype)
+
+
+def first_rejected(loss: Tensor, cap: Tensor) -> Tensor:
+    """Per row, the smallest float ``t`` (dtype of ``loss``) with ``t - loss > cap`` in float
+    arithmetic, so that ``m - loss <= cap`` holds exactly for the margins ``m < t``.
+
+    Float subtraction rounds monotonically in ``m``, so the accepted margins are all those below
+    one float; that float is found by bisection over the floats in order (at most 64 halvings).
+    The closed form ``loss + cap`` is not it: near ``m = 0`` (where fooling happens) many floats
+    ``m`` round to the same ``m - loss``, e.g. ``loss = 1``, ``cap = -1 - 2**-23`` accepts every
+    ``m < -2**-24`` in float32, 2**23 floats above ``loss + cap = -2**-23``. A NaN ``loss`` or
+    ``cap`` rejects everything (``-inf``), as the comparison does.
+    """
+    dt = loss.dtype
+    lo = _float_key(torch.full_like(loss, -INF))  # -inf - loss <= cap for every finite loss
+    hi = _float_key(torch.full_like(loss, INF))  # rejected, or +inf (loss = +inf accepts all)
+    while True:
+        gap = hi - 1 > lo  # (hi - lo overflows int64 for float64 keys)
+        if not bool(gap.any()):
+            break
+        mid = (lo & hi) + ((lo ^ hi) >> 1)  # floor((lo + hi) / 2) without int64 overflow
+        rej = (_key_float(mid, dt) - loss) > cap
+        hi = torch.where(gap & rej, mid, hi)
+        lo = torch.where(gap & ~rej, mid, lo)
+    return torch.where(loss.isnan() | cap.isnan(), -INF, _key_float(hi, dt))
 
 
 class Parsimonious(Attack):
@@ -301,4 +354,25 @@ class Parsimonious(Attack):
         return self._vertex(view, state["up"])
 
     def incumbent(self, view: View, state: State) -> Tensor:
-        return state["loss"]
+        """The margin a fooling query must be below to count under ``success="improved"``: the
+        authors' early-stopping rule (see the module docstring), not the stored loss.
+
+        Start and evaluation phases: ``+inf``, since the published code returns success at any
+        fooled query there. Lazy phases: the query re-evaluates the candidate at ``slot`` and
+        ``observe`` accepts it iff ``m - loss <= top`` and ``m - loss <= 0`` (``top`` the best
+        other stored gain), i.e. ``m - loss <= min(top, 0)``; :func:`first_rejected` turns that
+        into the exact bound of ``m < incumbent``, computed in the dtype the engine's margins
+        meet the state's loss in (the images' dtype, promoted with the loss's).
+        """
+        phase, loss = state["phase"], state["loss"]
+        dt = torch.promote_types(loss.dtype, view.x0.dtype)
+        out = torch.full(loss.shape, INF, dtype=dt, device=loss.device)
+        lazy = (phase == INS_LAZY) | (phase == DEL_LAZY)
+        if not bool(lazy.any()):
+            return out
+        idx = lazy.nonzero()[:, 0]
+        rest = state["score"][idx].clone()  # the stored gains still queued besides the popped one
+        rest[torch.arange(idx.numel(), device=idx.device), state["slot"][idx]] = INF
+        cap = rest.min(1).values.clamp(max=0.0).to(dt)
+        out[idx] = first_rejected(loss[idx].to(dt), cap)
+        return out
