@@ -93,6 +93,26 @@ def test_eg_step_is_tanh_of_shifted_atanh():
     # where the published form overflows to NaN, the stored form stays finite
     big = torch.full((3,), 50.0)
     assert torch.isnan(eg_step(torch.zeros(3), big, 100.0)).all()
+    assert torch.isfinite(torch.tanh(torch.atanh(torch.zeros(3)) + 100.0 * big)).all()
+    # and so does the attack's own update: a step whose finite difference is large enough to
+    # overflow the published form (lr * grad >> 88) leaves the prior, the iterate and the next
+    # probes finite
+    attack = BanditsAttack("linf")  # online_lr = 100, the authors' Linf setting
+    x0 = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    view = view_at(x0, 0.1, "linf", 0)
+    state = attack.init(view)
+    q = view.project(attack.propose(view, state))
+    m = torch.tensor([[1.0, -20.0, 20.0], [1.0, 20.0, -20.0]])  # derivative +-400 per unit probe
+    new = attack.observe(view, state, Reply(m < 0, q, m, torch.stack([m, -m], -1)))
+    grad = ((m[:, 2] - m[:, 1]) / (attack.fd_eta * attack.exploration)).view(-1, 1, 1, 1)
+    published = eg_step(torch.zeros_like(state["u"]), grad * state["u"], attack.online_lr)
+    assert torch.isnan(published).any()  # the regime where the published form breaks
+    for k in ("x", "z", "best", "best_m"):
+        assert torch.isfinite(new[k]).all(), k
+    assert torch.tanh(new["z"]).abs().max() == 1.0  # saturated, not NaN
+    assert bool(view.inside(new["x"]).all())
+    nxt = attack.propose(view_at(x0, 0.1, "linf", 1), new)
+    assert torch.isfinite(nxt).all()
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

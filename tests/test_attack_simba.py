@@ -174,6 +174,11 @@ def test_packing_does_not_change_results():
         (dict(freq=0.0), "freq"),
         (dict(stride=1.5), "stride"),
         (dict(step=-1.0), "step"),
+        (dict(step=float("inf")), r"simba step must be a finite number > 0, got inf"),
+        (dict(step=float("nan")), r"simba step must be a finite number > 0, got nan"),
+        (dict(step="0.2"), r"simba step must be a finite number > 0, got '0.2'"),
+        (dict(freq=float("nan")), "freq"),
+        (dict(stride=float("inf")), "stride"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, match):

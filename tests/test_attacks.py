@@ -547,3 +547,70 @@ def success_on_trained(trained, attack: str, norm: str, eps: float) -> dict:
 @pytest.mark.slow
 def test_square_fools_trained_default(trained_fmnist):
     assert success_on_trained(trained_fmnist, "square", "linf", 0.1)["success_rate"] >= 0.9
+
+
+# --------------------------------------------------------------------------- Square L2 start
+def test_square_l2_start_transposes_each_cells_bump_at_random():
+    """The original's ``meta_pseudo_gaussian_pert`` transposes the two-bump pattern with
+    probability 1/2 at every cell of the L2 start's grid (here per image and cell). Each cell must
+    hold +- the pattern or +- its transpose, both must occur, and the cells' signs must still be
+    the draws of the ``grid`` stream (the transpose bits have a stream of their own)."""
+    from rfd.attacks import View
+    from rfd.attacks.square import SquareAttack, meta_pattern
+    from rfd.rng import KeyedRNG
+
+    a, c, h = 16, 2, 28
+    x0 = torch.full((a, c, h, h), 0.5)  # mid-grey: nothing is clipped
+    keys = torch.arange(a, dtype=torch.int64) * 104729 + 11
+    z = torch.zeros(a, dtype=torch.long)
+    view = View(x0, 1.0, "l2", 1000, z + 1000, z, KeyedRNG(keys))
+    delta = SquareAttack("l2").init(view)["x"] - x0
+    s, sp = h // 5, (h - h // 5 * 5) // 2
+    pat = meta_pattern(s)[0]
+    assert not torch.allclose(pat, pat.t())
+    signs = KeyedRNG(keys).stream("grid").bits01((5, 5, c, 1, 1)) * 2 - 1
+    # 25 disjoint cells of c unit-norm bumps each, rescaled together onto the sphere
+    scale = (delta.flatten(1).norm(dim=1) / (25 * c) ** 0.5).view(a, 1, 1, 1)
+    turned = torch.zeros(a, 5, 5, dtype=torch.bool)
+    inside = torch.zeros(h, h, dtype=torch.bool)
+    for i in range(5):
+        for j in range(5):
+            rows, cols = slice(sp + i * s, sp + (i + 1) * s), slice(sp + j * s, sp + (j + 1) * s)
+            inside[rows, cols] = True
+            cell = delta[:, :, rows, cols] / (scale * signs[:, i, j])
+            plain = (cell - pat).abs().flatten(1).amax(1) < 1e-5
+            turn = (cell - pat.t()).abs().flatten(1).amax(1) < 1e-5
+            assert bool((plain ^ turn).all()), f"cell ({i}, {j}) is neither bump nor transpose"
+            turned[:, i, j] = turn
+    assert bool((delta[:, :, ~inside] == 0).all())
+    assert 0.3 < float(turned.float().mean()) < 0.7
+    assert not torch.equal(turned[0], turned[1])  # drawn per image
+
+
+# --------------------------------------------------------------------------- NES hyperparameters
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(fd_eta=float("nan")), r"nes fd_eta must be a finite number > 0, got nan"),
+        (dict(fd_eta=float("inf")), r"nes fd_eta must be a finite number > 0, got inf"),
+        (dict(fd_eta=0.0), r"nes fd_eta must be a finite number > 0, got 0\.0"),
+        (dict(lr=float("nan")), r"nes lr must be a finite number > 0, got nan"),
+        (dict(lr=float("inf")), r"nes lr must be a finite number > 0, got inf"),
+        (dict(lr=-0.1), r"nes lr must be a finite number > 0, got -0\.1"),
+        (dict(lr="0.01"), r"nes lr must be a finite number > 0, got '0\.01'"),
+        (dict(samples=float("inf")), r"nes samples must be an even integer >= 2, got inf"),
+        (dict(samples=float("nan")), r"nes samples must be an even integer >= 2, got nan"),
+        (dict(samples=8.5), r"nes samples must be an even integer >= 2, got 8\.5"),
+        (dict(samples=7), r"nes samples must be an even integer >= 2, got 7"),
+        (dict(samples=0), r"nes samples must be an even integer >= 2, got 0"),
+    ],
+)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_nes_rejects_non_finite_and_non_positive_hyperparameters(norm, kwargs, match):
+    """NaN slipped past ``<= 0`` (a NaN attack failing later on the model's logits) and an
+    infinite lr was accepted (every step a jump to a box vertex): both must fail at construction,
+    naming the parameter and what it may be."""
+    from rfd.attacks.nes import NESAttack
+
+    with pytest.raises(ValueError, match=match):
+        NESAttack(norm, **kwargs)

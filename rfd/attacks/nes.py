@@ -14,6 +14,7 @@ pairs.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,11 +49,16 @@ class NESAttack(Attack):
         lr: float | None = None,
     ) -> None:
         super().__init__(norm, samples=samples, fd_eta=fd_eta, lr=lr)
-        if int(self.samples) < 2 or int(self.samples) % 2:
-            raise ValueError(f"nes samples must be an even number >= 2, got {self.samples}")
-        if self.fd_eta <= 0 or self.lr <= 0:
-            raise ValueError(f"nes fd_eta and lr must be > 0, got {self.fd_eta}, {self.lr}")
-        self.pairs = int(self.samples) // 2
+        n = self.samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
+            raise ValueError(f"nes samples must be an even integer >= 2, got {n!r}")
+        # "v > 0" alone lets NaN through as a silent NaN attack and inf as an lr that jumps to a
+        # vertex of the box every step: neither is NES.
+        for k in ("fd_eta", "lr"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"nes {k} must be a finite number > 0, got {v!r}")
+        self.pairs = n // 2
 
     def queries(self, remaining: Tensor) -> Tensor:
         # the last step uses fewer pairs so that the budget is used up rather than left over

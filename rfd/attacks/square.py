@@ -185,18 +185,24 @@ class SquareAttack(Attack):
 
     # ---------------------------------------------------------------------- L2
     def _init_l2(self, view: View) -> Tensor:
-        # A grid of 5x5 bumps with random signs, rescaled to the sphere of radius eps.
+        # A grid of 5x5 bumps with random signs, rescaled to the sphere of radius eps. Each
+        # cell's bump is transposed with probability 1/2, as the original's
+        # meta_pseudo_gaussian_pert does per call; the original draws that bit once per cell for
+        # the whole batch, here once per (image, cell), so an image's start does not depend on
+        # its batch. The bits come from their own stream: the signs' draws stay as they were.
         x0 = view.x0
         a, c, h, w = x0.shape
         s = max(h // 5, 1)
         sp = (h - s * 5) // 2
-        pat = meta_pattern(s)[0].to(x0)
+        pats = meta_pattern(s).to(x0)
         delta = torch.zeros_like(x0)
         signs = view.rng.stream("grid").bits01((h // s, w // s, c, 1, 1), x0.dtype) * 2 - 1
+        turn = view.rng.stream("grid-transpose").randint(2, (h // s, w // s))
         for i in range(h // s):
             for j in range(w // s):
                 r, q = sp + i * s, sp + j * s
-                delta[:, :, r : r + s, q : q + s] += pat[: h - r, : w - q] * signs[:, i, j]
+                pat = pats[turn[:, i, j], : h - r, : w - q].unsqueeze(1)  # (A, 1, s, s)
+                delta[:, :, r : r + s, q : q + s] += pat * signs[:, i, j]
         norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1).clamp(min=1e-12)
         return (x0 + delta / norm * view.eps).clamp(0.0, 1.0)
 
