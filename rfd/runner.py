@@ -111,8 +111,8 @@ class _ModelGrid:
             opts["data"] = self.calibration_data(s, s.n_calibration)
         d = protect(model, name, layers=layers, nu=0.0 if nu is None else nu, seed=s.seed, **opts)
         self.nus[name] = d.nu if cls.calibrated else None
-        if cls.layered:  # the layers used ("auto" resolved), for the report
-            self.layers[name] = ",".join(d.layers)
+        if cls.layered:  # as the user names them (--layers takes them back), "auto" resolved
+            self.layers[name] = layers if isinstance(layers, str) else ",".join(layers)
         return d
 
     def __call__(self, model: Any) -> list[Any]:

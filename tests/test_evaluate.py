@@ -86,6 +86,9 @@ def test_cli_grid_writes_table_json_csv_plots_that_agree(
         )
         if cell["defense"] == "feature":
             assert cell["nu"] > 0 and abs(cell["calibration"]["drop"] - 0.04) < 0.02
+            assert cell["layers"] == "penultimate"  # as --layers names it, not a module path
+        else:
+            assert cell["layers"] is None
     records = list((run_dir / "cells").glob("*/records.rank0.jsonl"))
     assert len(records) == 4 and all(len(p.read_text().splitlines()) == 20 for p in records)
     assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B run written"
