@@ -2,7 +2,8 @@
 
 Bare config names resolve under configs/. Every flag overrides the config; ``--print_config``
 prints the resolved configuration and exits. Bad input (an unknown config, a flag of the wrong
-type, a finished run) prints one ``error:`` line and exits with status 2.
+type, a finished run, an unfinished run rerun with other settings) prints one ``error:`` line and
+exits with status 2.
 """
 
 import sys

@@ -2,10 +2,13 @@
 
 A run lives in one folder, ``<run_root>/<run_name>/``: ``config.yaml`` (the resolved config),
 ``best.ckpt`` / ``last.ckpt``, ``csv/metrics.csv``, the offline W&B run, and ``result.json`` once the
-run has finished. A rerun of an unfinished run resumes from ``last.ckpt``; a finished run is never
-overwritten unless ``--overwrite true`` is given.
+run has finished. A rerun of an unfinished run resumes from ``last.ckpt`` when its settings are the
+run's (``config.yaml``; only where and how it logs may differ, :data:`NOT_TRAINING_KEYS`); a
+finished run, or an unfinished one under other settings, is never overwritten unless
+``--overwrite true`` is given.
 
-Bad input (an unknown config, a flag of the wrong type, a finished run) raises
+Bad input (an unknown config, a flag of the wrong type, a finished run, an unfinished run with
+other settings) raises
 :class:`rfd.settings.UsageError`; ``run_cli`` prints it as one line with exit status 2. The config
 helpers and ``run_cli`` live in :mod:`rfd.settings` and are re-exported here.
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -37,6 +41,7 @@ from rfd.settings import (
     check_machine,
     check_writable,
     first_line,
+    read_yaml_mapping,
     resolve_config_args,
     resolve_config_path,
     run_cli,
@@ -44,6 +49,7 @@ from rfd.settings import (
 
 __all__ = [
     "CONFIG_DIR",
+    "NOT_TRAINING_KEYS",
     "REPO_ROOT",
     "TrainCLI",
     "UsageError",
@@ -53,6 +59,30 @@ __all__ = [
     "run_cli",
     "train_main",
 ]
+
+
+# Keys of a train run's config.yaml (dotted, as the flags name them) that say where a run lives, how
+# it logs and what it shows or tests after fitting, not what it trains: a rerun may change them and
+# still resume the run's last.ckpt. Every other key must equal the run's, or the resumed run would
+# mix settings (a changed optimizer even crashed in the optimizer state: KeyError 'momentum').
+NOT_TRAINING_KEYS = frozenset(
+    {
+        "config",
+        "run_root",
+        "run_name",
+        "wandb",
+        "wandb_project",
+        "overwrite",
+        "test_after_fit",
+        "trainer.logger",
+        "trainer.default_root_dir",
+        "trainer.enable_progress_bar",
+        "trainer.enable_model_summary",
+        "trainer.log_every_n_steps",
+        "trainer.profiler",
+        "trainer.limit_test_batches",
+    }
+)
 
 
 def make_loggers(run_dir: Path, wandb_mode: str, project: str, name: str) -> list[Logger]:
@@ -106,6 +136,7 @@ class TrainCLI(LightningCLI):
             raise ValueError(f"trainer.devices must be a positive integer or auto (got {devices})")
         check_machine(str(trainer_cfg.get("accelerator", "auto")), devices)
         check_writable(run_dir, "--run_root/--run_name")
+        self.check_run_folder(run_dir)
         kwargs["default_root_dir"] = str(run_dir)
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = make_loggers(
@@ -136,9 +167,66 @@ class TrainCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
+    def check_run_folder(self, run_dir: Path) -> None:
+        """Refuse a run folder this command must not train in, before the Trainer exists.
+
+        Called from :meth:`instantiate_trainer` ahead of ``Trainer(...)``, which prints Lightning's
+        hardware banner and tips: a refusal is then the only line the user sees, and nothing has
+        been written. Refused without ``--overwrite true``: a finished run (``result.json``), and
+        an unfinished one (``last.ckpt``) whose ``config.yaml`` differs from this command's settings
+        in a key outside :data:`NOT_TRAINING_KEYS`: resuming would continue the checkpoint under
+        other settings and rewrite ``config.yaml`` so that it no longer describes the checkpoint.
+
+        Raises:
+            UsageError: naming the run folder, the differing keys (old -> new) and the way out.
+        """
+        if self.config.get("overwrite"):
+            return
+        if (run_dir / "result.json").exists():
+            raise UsageError(
+                f"{run_dir} holds a finished run; pass --run_name NEW or --overwrite true to "
+                "replace it"
+            )
+        saved = run_dir / "config.yaml"
+        if not (run_dir / "last.ckpt").exists() or not saved.is_file():
+            return  # nothing to resume (or nothing to compare with): the run starts afresh
+        old = _flatten(read_yaml_mapping(saved, "run config"))
+        new = _flatten(yaml.safe_load(self.parser.dump(self.config, skip_validation=True)) or {})
+        missing = "(unset)"
+        changed = [
+            f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}"
+            for k in sorted(old.keys() | new.keys())
+            if k not in NOT_TRAINING_KEYS and old.get(k, missing) != new.get(k, missing)
+        ]
+        if changed:
+            shown = "; ".join(changed[:8]) + (
+                f"; {len(changed) - 8} more" if len(changed) > 8 else ""
+            )
+            raise UsageError(
+                f"{run_dir} holds an unfinished run with other settings ({shown}); rerun with its "
+                "settings to resume it, or pass --run_name NEW or --overwrite true"
+            )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"model.lr": 0.003, "data.init_args.batch_size": 128, ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
 
 def make_train_cli(argv: list[str]) -> TrainCLI:
-    """Parse ``argv`` (config names resolved under configs/) and build trainer, model and data."""
+    """Parse ``argv`` (config names resolved under configs/) and build trainer, model and data.
+
+    Raises:
+        UsageError: a bad flag or value, or a run folder this command must not train in (a
+            finished run, an unfinished one with other settings), refused before the Trainer is
+            built (:meth:`TrainCLI.check_run_folder`).
+    """
     # We pass the (rewritten) command line explicitly; Lightning warns when sys.argv also has args.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
     # "Seed set to N" would precede a one-line error; the seed is in the saved config.yaml
@@ -166,8 +254,6 @@ def make_train_cli(argv: list[str]) -> TrainCLI:
 
 def _names_model_class(args: list[str]) -> bool:
     """Whether a ``--config`` file (or ``--model``) gives the model section a ``class_path``."""
-    from rfd.settings import read_yaml_mapping
-
     found = False
     for i, a in enumerate(args):
         path = a.split("=", 1)[1] if a.startswith("--config=") else None
@@ -223,19 +309,16 @@ def _type_name(t: str) -> str:
 
 def train_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Entry point of train.py: fit, then test the best checkpoint, and write result.json."""
+    # building the CLI refuses a finished run or one with other settings (check_run_folder)
     cli = make_train_cli(list(sys.argv[1:] if argv is None else argv))
     run_dir = cli.run_dir()
     result_path = run_dir / "result.json"
     last = run_dir / "last.ckpt"
-    if result_path.exists() and not cli.config["overwrite"]:
-        raise UsageError(
-            f"{run_dir} holds a finished run; pass --run_name NEW or --overwrite true to replace it"
-        )
     if cli.config["overwrite"]:
         for f in ("best.ckpt", "last.ckpt", "result.json"):
             (run_dir / f).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cli.parser.save(cli.config, str(run_dir / "config.yaml"), overwrite=True, skip_check=True)
+    cli.parser.save(cli.config, str(run_dir / "config.yaml"), overwrite=True, skip_validation=True)
     resume = str(last) if last.exists() else None
     if resume:
         print(f"resuming unfinished run from {resume}")

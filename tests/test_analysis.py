@@ -463,3 +463,36 @@ def test_reports_log_to_an_active_wandb_run_only(tmp_path: Path, monkeypatch: py
     fake.run = types.SimpleNamespace(log=logged.append)
     R.write_table([{"a": 1.0, "b": "x"}], tmp_path, "t")
     assert logged == [{"analysis/t": ("table", ["a", "b"], [[1.0, "x"]])}]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--out", "AFILE"], "is a file, not a folder"),
+        (["--checkpoint", "MISSING"], "checkpoint not found"),
+        (["--layers", "nope"], "unknown layer"),
+        (["--attack", "nope"], "nope"),
+    ],
+)
+def test_cli_refuses_bad_input_before_wandb_starts(
+    flags: list[str], message: str, capsys, tmp_path: Path, monkeypatch, tiny_resnet
+):
+    """`--wandb offline` with an --out that is a file used to start an offline W&B run (in
+    /tmp/wandb, its fallback) and only then fail; now W&B starts only for a command that runs."""
+    import sys
+    import types
+
+    started: list[dict] = []
+    fake = types.SimpleNamespace(
+        run=None, init=lambda **kw: started.append(kw) or types.SimpleNamespace(finish=lambda: None)
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    subs = {"AFILE": str(afile), "MISSING": str(tmp_path / "missing.ckpt")}
+    flags = [subs.get(f, f) for f in flags]
+    command = "layer-sweep" if "--attack" in flags else "ratios"
+    argv = [command, "--checkpoint", str(_checkpoint(tmp_path, tiny_resnet)), "--n-images", "20",
+            "--out", str(tmp_path / "out"), "--wandb", "offline", *flags]  # fmt: skip
+    assert message in _one_line_exit_2(capsys, argv)
+    assert started == [] and afile.read_text() == "x" and not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ and a train -> save -> load round trip reproduces test accuracy exactly."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -249,3 +250,63 @@ def test_train_refuses_a_gpu_it_does_not_have_and_a_file_as_run_root(tmp_path: P
     err = capsys.readouterr().err
     assert "is a file, not a folder" in err and err.count("\n") == 1
     assert afile.read_text() == "x"
+
+
+def _tiny_train_args(run_root: Path) -> list[str]:
+    """A training command that fits 2 batches of 256 images and tests 1: about a second."""
+    return [
+        "--config", "fmnist_default", "--run_root", str(run_root), "--wandb", "disabled",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+        "--data.init_args.train_subset", "256", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def test_unfinished_run_resumes_only_under_its_own_settings(tmp_path: Path, capsys) -> None:
+    """A run stopped after its last checkpoint, rerun with another optimizer or lr, is refused
+    before anything is written (it used to resume: mixed settings, or KeyError 'momentum' with
+    config.yaml already rewritten); where and how it logs may change, and then it resumes."""
+    args = _tiny_train_args(tmp_path)
+    assert run_cli(train_main, [*args, "--test_after_fit", "false"]) == 0
+    run = tmp_path / "fmnist_default"
+    (run / "result.json").unlink()  # unfinished: as if SIGTERM came after the last checkpoint
+    files = ("config.yaml", "last.ckpt", "best.ckpt")
+    before = {f: (run / f).read_bytes() for f in files}
+    capsys.readouterr()
+    assert run_cli(train_main, [*args, "--model.optimizer", "sgd", "--model.lr", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "model.lr: 0.003 -> 0.05; model.optimizer: adamw -> sgd" in err
+    assert "--run_name NEW or --overwrite true" in err
+    assert run_cli(train_main, [*args, "--model.lr", "0.05"]) == 2  # a changed lr alone too
+    assert "(model.lr: 0.003 -> 0.05)" in capsys.readouterr().err
+    assert {f: (run / f).read_bytes() for f in files} == before  # nothing rewritten
+    logging_only = ["--run_root", str(tmp_path / "."), "--wandb_project", "other",
+                    "--trainer.log_every_n_steps", "1", "--trainer.limit_test_batches", "2",
+                    "--test_after_fit", "true"]  # fmt: skip
+    assert run_cli(train_main, [*args, *logging_only]) == 0
+    assert "resuming unfinished run" in capsys.readouterr().out
+    assert (run / "result.json").is_file() and "wandb_project: other" in (
+        run / "config.yaml"
+    ).read_text()
+
+
+def test_refusing_a_finished_run_prints_only_the_error_line(tmp_path: Path) -> None:
+    """The refusal comes before the Trainer exists, so Lightning's banner and tips ("GPU
+    available: ...", "TPU available: ...", "Tip: ...") do not precede it on stderr."""
+    import subprocess
+    import sys
+
+    from rfd.settings import REPO_ROOT
+
+    run = tmp_path / "fmnist_default"
+    run.mkdir()
+    (run / "result.json").write_text("{}")
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO_ROOT / "train.py"), "--config", "fmnist_default",
+           "--run_root", str(tmp_path), "--wandb", "disabled"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "holds a finished run" in done.stderr and done.stdout == ""
+    assert sorted(p.name for p in run.iterdir()) == ["result.json"]  # nothing written

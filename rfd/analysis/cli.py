@@ -44,7 +44,7 @@ from rfd.settings import (
     text,
 )
 
-__all__ = ["UsageError", "build_parser", "main", "run"]
+__all__ = ["UsageError", "build_parser", "main", "preflight", "run"]
 
 DEFAULT_OUT = Path("runs/analysis")
 SUBCOMMANDS = (
@@ -236,19 +236,66 @@ def _calibrated_nu(model: Any, dm: Any, layer: str, drop: float, args: Any, n_ev
     return calibrate(model, "feature", layers=layer, data=loader, target_drop=drop, n_passes=3)
 
 
-def run(args: argparse.Namespace) -> dict[str, Path]:
+def preflight(args: argparse.Namespace) -> LoadedRun:
+    """Refuse what can be refused in seconds, and load the model and data for :func:`run`.
+
+    The CLI calls this before it starts W&B: a bad ``--out`` (a file), a missing or corrupt
+    checkpoint, missing data, an unknown layer, attack, defense or probe would otherwise be
+    found after ``wandb.init`` had started a run (an offline run under /tmp/wandb when ``--out``
+    is a file), and some of them (a layer-sweep's attack) only after minutes of calibration.
+
+    Raises:
+        UsageError, ValueError, FileNotFoundError: one line each (:func:`rfd.settings.run_cli`).
+    """
+    from rfd.analysis.gradients import analysis_layers
+
+    check_writable(args.out, "--out")
+    if args.command == "theorem1":
+        for spec in args.probes:
+            _probe(spec)
+    if args.command == "strength-sweep":
+        from rfd.analysis.sweeps import STRENGTHS
+
+        for a in args.attacks:
+            if a not in STRENGTHS:
+                raise UsageError(
+                    f"no strength knob for attack {a!r}; valid: {', '.join(STRENGTHS)}"
+                )
+        for d in args.defenses:
+            if d not in ("none", "input", "feature"):
+                raise UsageError(
+                    f"unknown defense {d!r} for the sweep; valid: none, input, feature"
+                )
+    if args.command == "layer-sweep":
+        from rfd.attacks.api import make_attack
+
+        make_attack(args.attack, args.norm)  # ValueError names the valid attacks
+    loaded = load(args)
+    for names in (getattr(args, "layers", None), getattr(args, "layer", None)):
+        if names:  # ValueError lists the model's layers ("input" is always valid)
+            analysis_layers(loaded.model, names)
+    return loaded
+
+
+def run(args: argparse.Namespace, loaded: LoadedRun | None = None) -> dict[str, Path]:
     """Run one subcommand; returns the files written. The thread setting is restored afterwards,
-    so calling this from Python leaves the process as it was."""
+    so calling this from Python leaves the process as it was.
+
+    Args:
+        args: the parsed command line (:func:`build_parser`).
+        loaded: the model and data when the caller has them already (:func:`preflight`, which
+            the CLI runs before starting W&B); loaded from ``args`` otherwise.
+    """
     import torch
 
     before = torch.get_num_threads()
     try:
-        return _run(args)
+        return _run(args, loaded)
     finally:
         torch.set_num_threads(before)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Path]:
+def _run(args: argparse.Namespace, loaded: LoadedRun | None) -> dict[str, Path]:
     import torch
 
     from rfd.analysis import gradients as G
@@ -258,7 +305,8 @@ def _run(args: argparse.Namespace) -> dict[str, Path]:
 
     torch.set_num_threads(args.threads)
     check_writable(args.out, "--out")  # before minutes of work, not after
-    loaded = load(args)
+    if loaded is None:
+        loaded = load(args)
     model, dm = loaded.model, loaded.datamodule
     meta = {"checkpoint": str(loaded.checkpoint), "command": args.command, "seed": args.seed}
     extra = plugins()
@@ -493,6 +541,7 @@ def _main(argv: list[str] | None) -> dict[str, Path]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
+    loaded = preflight(args)  # bad input is refused before W&B starts a run
     wandb_run = None
     try:
         if args.wandb != "disabled":
@@ -506,7 +555,7 @@ def _main(argv: list[str] | None) -> dict[str, Path]:
                 mode=args.wandb,
                 config={k: str(v) for k, v in vars(args).items()},
             )
-        files = run(args)
+        files = run(args, loaded)
     finally:
         if wandb_run is not None:
             wandb_run.finish()
