@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -86,7 +87,17 @@ NOT_TRAINING_KEYS = frozenset(
 
 
 def make_loggers(run_dir: Path, wandb_mode: str, project: str, name: str) -> list[Logger]:
-    """CSV always; W&B offline by default (``wandb sync`` uploads later), online on request."""
+    """CSV always; W&B offline by default (``wandb sync`` uploads later), online on request.
+
+    A resumed run keeps the metrics it logged before: Lightning's CSV writer deletes an existing
+    ``csv/metrics.csv``, so that file is first renamed ``metrics.before-resume<N>.csv``.
+    """
+    old = run_dir / "csv" / "metrics.csv"
+    if old.is_file() and rank_zero_only.rank == 0:  # DDP: one process keeps it
+        n = 1
+        while (kept := old.with_name(f"metrics.before-resume{n}.csv")).exists():
+            n += 1
+        old.rename(kept)
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="csv")]
     if wandb_mode != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")

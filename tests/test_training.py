@@ -310,3 +310,21 @@ def test_refusing_a_finished_run_prints_only_the_error_line(tmp_path: Path) -> N
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert "holds a finished run" in done.stderr and done.stdout == ""
     assert sorted(p.name for p in run.iterdir()) == ["result.json"]  # nothing written
+
+
+def test_a_resumed_run_keeps_the_metrics_it_logged_before(tmp_path: Path) -> None:
+    """Lightning's CSV writer deletes an existing metrics.csv; the loggers of a resumed run move
+    it aside first, so no epoch's metrics are lost."""
+    from rfd.cli import make_loggers
+
+    metrics = tmp_path / "csv" / "metrics.csv"
+    metrics.parent.mkdir()
+    for n in (1, 2):
+        metrics.write_text(f"epoch,val_acc\n{n},0.5\n")
+        (logger,) = make_loggers(tmp_path, "disabled", "p", "n")
+        logger.log_metrics({"val_acc": 0.9}, step=0)
+        logger.save()
+        assert (tmp_path / "csv" / f"metrics.before-resume{n}.csv").read_text() == (
+            f"epoch,val_acc\n{n},0.5\n"
+        )
+    assert "0.9" in metrics.read_text()
