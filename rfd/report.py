@@ -56,6 +56,21 @@ def method_title(defense: str, tag: str | None = None) -> str:
     return tag if defense == "none" else f"{title}+{tag}"
 
 
+def unique_displays(
+    displays: Sequence[str], tags: Sequence[str | None], run_names: Sequence[str]
+) -> list[str]:
+    """Each model's name in tables and plots: its display name, with its run name appended where
+    another model of the grid has the same display name and tag.
+
+    Table rows, robust-vs-queries curves and calibration curves are keyed by (display name, tag):
+    two such models (``fmnist_default`` and ``fmnist_gauss025`` are both "test_resnet (FMNIST)")
+    would share one row averaging both, and one plot line overwriting the other.
+    """
+    pairs = list(zip(displays, tags, strict=True))
+    return [f"{d} ({r})" if pairs.count((d, t)) > 1 else d
+            for (d, t), r in zip(pairs, run_names, strict=True)]  # fmt: skip
+
+
 def _title(registry: Any, name: str) -> str:
     # A registry maps names to classes; rfd.defenses.DEFENSES is still a tuple of names for now.
     cls = registry.get(name) if isinstance(registry, Mapping) else None
@@ -103,8 +118,9 @@ def paper_table(
     """Rows in the paper's layout: Model | Method | Acc | Square 1k | Square 10k | NES 1k | ...
 
     Args:
-        summaries: one dict per cell with keys model, defense, attack, eot (optional, default 1)
-            and ``rfd.metrics.summarize``'s (``robust_acc_at``, ``defended_clean_acc``).
+        summaries: one dict per cell with keys model, defense, attack, tag, run_name and eot
+            (the last three optional) and ``rfd.metrics.summarize``'s (``robust_acc_at``,
+            ``defended_clean_acc``).
         with_paper: put the paper's number (``rfd.paper.paper_value``) in parentheses beside ours
             where the paper has one; decision attacks fall back to the bare attack title's column.
     """
@@ -122,10 +138,9 @@ def paper_table(
     header = ["Model", "Method", "Acc"] + [titles[c] for c in columns]
     ref = paper_value if with_paper else _no_paper
     rows: list[list[str]] = []
-    keys = dict.fromkeys((s["model"], s.get("tag"), s["defense"]) for s in summaries)
-    for model, tag, defense in keys:
-        cells = [s for s in summaries
-                 if (s["model"], s.get("tag"), s["defense"]) == (model, tag, defense)]  # fmt: skip
+    for key in dict.fromkeys(map(_row_key, summaries)):
+        model, _, tag, defense = key
+        cells = [s for s in summaries if _row_key(s) == key]
         method = method_title(defense, tag)
         acc = sum(c["defended_clean_acc"] for c in cells) / len(cells)
         row = [model, method, _with_paper(pct(acc), ref(model, method, "Acc"))]
@@ -141,6 +156,11 @@ def paper_table(
             row.append(_with_paper(pct(cell["robust_acc_at"][str(b)]) if cell else "—", paper))
         rows.append(row)
     return header, rows
+
+
+def _row_key(summary: dict[str, Any]) -> tuple[Any, ...]:
+    """A table row: one model (its run name too, so equal display names never merge) and method."""
+    return summary["model"], summary.get("run_name"), summary.get("tag"), summary["defense"]
 
 
 def _fixed_column(summary: dict[str, Any]) -> str | None:
@@ -286,8 +306,8 @@ def write_summary_files(out_dir: Path, summaries: Sequence[dict[str, Any]]) -> d
     rows = [_strict(dict(s)) for s in summaries]
     paths["json"].write_text(json.dumps(rows, indent=2, allow_nan=False))
     fields = [
-        "model", "defense", "attack", "norm", "eps", "criterion", "success_rule", "eot", "budget",
-        "n_images",
+        "model", "tag", "run_name", "defense", "attack", "norm", "eps", "criterion", "success_rule",
+        "eot", "budget", "n_images",
         "clean_acc", "defended_clean_acc", "robust_acc", "failure_rate", "mean_queries_success",
         "median_queries_success", "verify_queries", "batch_fill", "queries_per_second", "nu",
         "layers", "detection_rate", "robust_acc_detect", "defense_forwards_per_query",

@@ -4,9 +4,11 @@ Settings come from :mod:`rfd.settings` (defaults ← ``configs/eval.yaml`` or ``
 flags, every value validated where it enters), models and data from :func:`rfd.runs.load_run`.
 For each model, the whole grid runs as one :class:`rfd.evaluation.GridEvaluation` under one
 Lightning ``Trainer``: all cells share the engine's forwards. A run folder holds ``spec.json``
-(the settings that decide the numbers), ``cells/<model>__<defense>__<attack>/records.rank<r>.jsonl``
-and ``stats.rank<r>.jsonl`` per cell, and the reports. A rerun with the same settings resumes with
-the jobs that are left; different settings in the same folder are refused unless ``--overwrite``.
+(what decides the numbers, :func:`run_spec`: the settings, each model's files with its
+checkpoint's content hash, the attack and defense parameters as resolved),
+``cells/<model>__<defense>__<attack>/records.rank<r>.jsonl`` and ``stats.rank<r>.jsonl`` per
+cell, and the reports. A rerun with the same spec resumes with the jobs that are left; a different
+one in the same folder is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rfd.models import file_hash
 from rfd.runs import LoadedRun, load_run
 from rfd.settings import (
-    CONFIG_DIR,
     EvalSettings,
     UsageError,
     attack_params_for,
     check_machine,
     check_writable,
+    defense_config,
+    defense_defaults,
     first_line,
     load_eval_settings,
-    read_yaml_mapping,
+    repo_path,
     spec_hash,
     spec_of,
 )
@@ -44,12 +48,6 @@ SQUARE_NOTE = (
 def evaluate_main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Entry point of evaluate.py: parse and validate, then run the grid."""
     return run(load_eval_settings(list(sys.argv[1:] if argv is None else argv)))
-
-
-def defense_config(defense: str) -> dict[str, Any]:
-    """The defaults of ``configs/defense/<defense>.yaml`` (a ``NoiseDefense`` callback config)."""
-    path = CONFIG_DIR / "defense" / f"{defense}.yaml"
-    return dict(read_yaml_mapping(path).get("init_args") or {}) if path.is_file() else {}
 
 
 def defense_setup(s: EvalSettings, name: str) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
@@ -75,17 +73,22 @@ def forward_settings(s: EvalSettings, device: Any) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the grid
 class _ModelGrid:
-    """Builds one model's cells on its device: defenses (calibrated), attacks, records folders."""
+    """Builds one model's cells on its device: defenses (calibrated), attacks, records folders.
+
+    ``key`` names the model's cell folders: its run name, made unique within the grid
+    (:func:`_model_keys`), so two models never share records.
+    """
 
     def __init__(self, lr: LoadedRun, s: EvalSettings, attacks: dict[str, Any], eps: float,
-                 run_dir: Path) -> None:  # fmt: skip
+                 run_dir: Path, key: str | None = None) -> None:  # fmt: skip
         self.lr, self.s, self.attacks, self.eps, self.run_dir = lr, s, attacks, eps, run_dir
+        self.key = key or lr.name
         self.calibrations: dict[str, Any] = {}
         self.nus: dict[str, Any] = {}
         self.layers: dict[str, str] = {}
 
     def cell_dir(self, defense: str, attack: str) -> Path:
-        return self.run_dir / "cells" / f"{self.lr.name}__{defense}__{attack}"
+        return self.run_dir / "cells" / f"{self.key}__{defense}__{attack}"
 
     def calibration_data(self, s: EvalSettings, n: int) -> Any:
         return self.lr.datamodule.calibration_dataloader(
@@ -94,16 +97,24 @@ class _ModelGrid:
 
     def defense(self, name: str, model: Any) -> Any:
         from rfd.defenses import calibrate_report, protect
+        from rfd.defenses.calibration import TargetUnreachable
 
         s = self.s
         cls, layers, opts, cfg = defense_setup(s, name)
         nu = s.nu
         if cls.calibrated and nu is None:
-            cal = calibrate_report(
-                model, name, layers, data=self.calibration_data(s, s.n_calibration),
-                target_drop=s.target_drop, n_passes=int(cfg.get("n_passes", 5)), seed=s.seed,
-                cache_dir=cfg.get("cache_dir"), checkpoint=self.lr.checkpoint, **opts,
-            )  # fmt: skip
+            try:
+                cal = calibrate_report(
+                    model, name, layers, data=self.calibration_data(s, s.n_calibration),
+                    target_drop=s.target_drop, n_passes=int(cfg.get("n_passes", 5)), seed=s.seed,
+                    cache_dir=cfg.get("cache_dir"), checkpoint=self.lr.checkpoint, **opts,
+                )  # fmt: skip
+            except TargetUnreachable as e:
+                raise UsageError(
+                    f"target_drop {e.target} cannot be reached by defense {name} on {self.key}: "
+                    f"the strongest noise tried (nu={e.nu:.4g}) drops accuracy by {e.drop:.4f}; "
+                    "use a smaller --target-drop or a fixed --nu"
+                ) from None
             self.calibrations[name], nu = cal, cal.nu
             if cal.chosen is not None:  # "auto" resolved once, at the target drop asked for
                 layers = cal.chosen
@@ -200,15 +211,86 @@ REPORT_FILES = (
 )  # fmt: skip
 
 
-def _claim_run_dir(run_dir: Path, spec: dict[str, Any], overwrite: bool) -> None:
+# spec.json's layout: 2 = models as resolved files with the checkpoint's hash, attack and defense
+# parameters as the cells use them (1, unmarked: the settings as given)
+SPEC_VERSION = 2
+
+
+def run_spec(s: EvalSettings, runs: list[LoadedRun], attacks: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's numbers, as spec.json records it: :func:`rfd.settings.spec_of`'s
+    settings, with each model as the files it was loaded from (config and checkpoint paths in
+    one spelling, :func:`rfd.settings.repo_path`, and the checkpoint's content hash) and the
+    attack and defense parameters as the cells use them (config files, overrides and class
+    defaults resolved).
+
+    The settings alone do not identify the numbers: a checkpoint retrained in place, or an edited
+    ``configs/attack/<name>.yaml``, leaves them unchanged, and a resumed run would then mix old
+    records with new ones. Each checkpoint is hashed once here, not per cell.
+    """
+    spec = spec_of(s)
+    spec["models"] = [
+        {**m, "config": repo_path(lr.config_path) if lr.config_path else None,
+         "checkpoint": repo_path(lr.checkpoint), "checkpoint_hash": file_hash(lr.checkpoint)}
+        for m, lr in zip(s.models, runs, strict=True)
+    ]  # fmt: skip
+    spec["attack_params"] = {a: dict(attacks[a].params) for a in s.attack}
+    defenses = {}
+    for d in s.defense:
+        cls, _, opts, cfg = defense_setup(s, d)
+        defenses[d] = {**defense_defaults(d), **opts}
+        if cls.calibrated and s.nu is None:  # the passes of each calibration step decide nu
+            defenses[d]["calibration_passes"] = int(cfg.get("n_passes", 5))
+    spec["defense_params"] = defenses
+    spec["spec_version"] = SPEC_VERSION
+    return spec
+
+
+def _as_json(spec: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(spec, default=str))
+
+
+def _read_spec(run_dir: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The folder's spec.json as a mapping; None if there is none, or (with ``overwrite``) if it
+    cannot be read: it is replaced either way."""
     spec_file = run_dir / "spec.json"
-    if spec_file.exists():
+    if not spec_file.exists():
+        return None
+    try:
         old = json.loads(spec_file.read_text())
-        new = json.loads(json.dumps(spec, default=str))
-        # a setting added after the folder was written held its default there (defaults keep
-        # the earlier behaviour), so a spec without it still describes the same numbers
-        defaults = json.loads(json.dumps(spec_of(EvalSettings()), default=str))
-        old = {**{k: v for k, v in defaults.items() if k in new}, **old}
+        problem = None if isinstance(old, dict) else f"a JSON {type(old).__name__}, not a mapping"
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        problem = first_line(e)
+    if problem is None:
+        return old
+    if overwrite:
+        return {}
+    raise UsageError(
+        f"run dir {run_dir}: spec.json is unreadable ({problem}); use --overwrite or another "
+        "--run-dir"
+    )
+
+
+def _claim_run_dir(
+    run_dir: Path, spec: dict[str, Any], overwrite: bool, legacy: dict[str, Any] | None = None
+) -> None:
+    """Take ``run_dir`` for ``spec``: resume when its spec.json says the same, else refuse (or,
+    with ``overwrite``, remove the old cells and reports); then write the spec.
+
+    Args:
+        legacy: the spec as it was written before :data:`SPEC_VERSION` 2 (the settings alone,
+            :func:`rfd.settings.spec_of`). A folder written then recorded no checkpoint hash or
+            resolved parameters, so it is compared on what it recorded, and resumes when that
+            agrees (its spec is then rewritten in full, and checked in full from then on).
+    """
+    spec_file = run_dir / "spec.json"
+    old = _read_spec(run_dir, overwrite)
+    if old is not None:
+        new = _as_json(legacy if legacy is not None and "spec_version" not in old else spec)
+        if old:  # ({} is an unreadable spec that --overwrite replaces)
+            # a setting added after the folder was written held its default there (defaults
+            # keep the earlier behaviour), so a spec without it still describes the same numbers
+            defaults = _as_json(spec_of(EvalSettings()))
+            old = {**{k: v for k, v in defaults.items() if k in new}, **old}
         if old != new:
             if not overwrite:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -220,7 +302,40 @@ def _claim_run_dir(run_dir: Path, spec: dict[str, Any], overwrite: bool) -> None
             for stale in REPORT_FILES:  # the old reports must not sit beside the new spec
                 (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec, indent=2, default=str))
+    # atomically: a process killed mid-write, or another DDP rank writing the same spec, must
+    # never leave a torn spec.json that refuses every later run
+    tmp = run_dir / f".spec.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(spec, indent=2, default=str))
+    os.replace(tmp, spec_file)
+
+
+def _release_run_dir(run_dir: Path, created: bool) -> None:
+    """After a run that failed on bad input: while no cell has a record, remove the spec.json it
+    claimed (and the folder, if this run created it and it is empty), so that the corrected
+    command is not refused as "other settings" by a folder that holds no results."""
+    from rfd.evaluation import read_cell
+
+    cells = run_dir / "cells"
+    if cells.is_dir():
+        if any(read_cell(c)[0] for c in cells.iterdir() if c.is_dir()):
+            return
+        shutil.rmtree(cells, ignore_errors=True)  # statistics without records describe nothing
+    (run_dir / "spec.json").unlink(missing_ok=True)
+    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def _model_keys(runs: list[LoadedRun]) -> list[str]:
+    """Each model's name in cell folders: its run name, with ``~2``, ``~3``... on the later ones
+    when several models share it (one config, two checkpoints), so they never share records."""
+    keys: list[str] = []
+    for lr in runs:
+        key, n = lr.name, 1
+        while key in keys:
+            n += 1
+            key = f"{lr.name}~{n}"
+        keys.append(key)
+    return keys
 
 
 def _wandb_logger(run_dir: Path, s: EvalSettings, spec: dict[str, Any]) -> Any:
@@ -260,26 +375,48 @@ class _Bar:
 
 
 def run(s: EvalSettings) -> list[dict[str, Any]]:
-    """Evaluate every (model, defense, attack) cell; returns one summary per cell."""
-    import lightning as L
+    """Evaluate every (model, defense, attack) cell; returns one summary per cell.
 
+    Everything that can be checked without running the grid is checked before the run folder is
+    claimed; what only calibration finds (a target drop beyond reach) releases the folder again
+    while it holds no record.
+    """
     from rfd import report
     from rfd.attacks import make_attack
-    from rfd.evaluation import GridEvaluation, quiet_lightning, read_cell
-    from rfd.metrics import robust_curve, summarize
 
-    spec = spec_of(s)
     runs = [load_run(m.get("config"), m.get("checkpoint"), train_if_missing=s.train_if_missing)
             for m in s.models]  # fmt: skip
-    displays = [m.get("name") or lr.display for m, lr in zip(s.models, runs, strict=True)]
+    keys = _model_keys(runs)
+    displays = report.unique_displays(
+        [m.get("name") or lr.display for m, lr in zip(s.models, runs, strict=True)],
+        [m.get("tag") for m in s.models], keys,
+    )  # fmt: skip
     _check_models(s, runs)
     check_machine(s.accelerator, s.devices)
     attacks = {a: make_attack(a, s.norm, **attack_params_for(s, a)) for a in s.attack}
-    run_dir = Path(
-        s.run_dir or Path("runs/eval") / f"{'+'.join(r.name for r in runs)}-{spec_hash(spec)}"
-    )
+    spec = run_spec(s, runs, attacks)
+    run_dir = Path(s.run_dir or Path("runs/eval") / f"{'+'.join(keys)}-{spec_hash(spec)}")
     check_writable(run_dir, "--run-dir")
-    _claim_run_dir(run_dir, spec, s.overwrite)
+    created = not run_dir.exists()
+    _claim_run_dir(run_dir, spec, s.overwrite, legacy=spec_of(s))
+    try:
+        return _run_grids(s, runs, keys, displays, attacks, run_dir, spec)
+    except UsageError:  # e.g. a target drop no noise reaches: found once calibration ran
+        _release_run_dir(run_dir, created)
+        raise
+
+
+def _run_grids(
+    s: EvalSettings, runs: list[LoadedRun], keys: list[str], displays: list[str],
+    attacks: dict[str, Any], run_dir: Path, spec: dict[str, Any],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every model's grid in the claimed ``run_dir``, then the reports; one summary per cell."""
+    import lightning as L
+
+    from rfd import report
+    from rfd.evaluation import GridEvaluation, quiet_lightning, read_cell
+    from rfd.metrics import robust_curve, summarize
+
     logger = _wandb_logger(run_dir, s, spec)
     budget = max(s.queries)
     if "square" in s.attack and len(s.queries) > 1:
@@ -288,10 +425,10 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
     curves: dict[str, dict[str, Any]] = {}
     calib_curves: dict[str, list[tuple[float, float]]] = {}
     t_start = time.perf_counter()
-    for m, lr, display in zip(s.models, runs, displays, strict=True):
+    for m, lr, key, display in zip(s.models, runs, keys, displays, strict=True):
         eps = _eps(s, lr)
         tag = m.get("tag")
-        grid = _ModelGrid(lr, s, attacks, eps, run_dir)
+        grid = _ModelGrid(lr, s, attacks, eps, run_dir, key)
         n_jobs = len(s.defense) * len(s.attack) * s.n_images
         bar = _Bar(n_jobs, display)
         used_forward: dict[str, Any] = {}
@@ -319,9 +456,9 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
             cal = grid.calibrations.get(cell.defense)
             summary = summarize(records, s.queries, stats)
             summary.update(
-                model=display, tag=tag, defense=cell.defense, attack=cell.attack_name, norm=s.norm,
-                eps=eps, criterion=s.criterion, success_rule=s.success, eot=s.eot,
-                max_queries=budget, paper=s.paper,
+                model=display, tag=tag, run_name=key, defense=cell.defense,
+                attack=cell.attack_name, norm=s.norm, eps=eps, criterion=s.criterion,
+                success_rule=s.success, eot=s.eot, max_queries=budget, paper=s.paper,
                 nu=grid.nus.get(cell.defense), layers=grid.layers.get(cell.defense),
                 calibration=({"target_drop": cal.target_drop, "drop": cal.drop,
                               "drop_std": cal.drop_std, "clean_acc": cal.clean_acc} if cal else None),
@@ -333,8 +470,10 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
             curves.setdefault(f"{display} {cell.attack_name}", {})[
                 report.method_title(cell.defense, tag)
             ] = robust_curve(records, budget)
-        for name, cal in grid.calibrations.items():
-            calib_curves[f"{display} {name}"] = [(nu, cal.clean_acc - d) for nu, d in cal.history]
+        for name, cal in grid.calibrations.items():  # labelled as the table's rows are
+            calib_curves[f"{display} {report.method_title(name, tag)}"] = [
+                (nu, cal.clean_acc - d) for nu, d in cal.history
+            ]
     if not summaries:
         return summaries
     wall = time.perf_counter() - t_start

@@ -239,16 +239,18 @@ def _as_float(v: Any) -> float | None:
     return None
 
 
-def integer(minimum: int) -> Check:
-    """An integer >= ``minimum`` (a flag's text or a YAML int; not a bool, float or list)."""
+def integer(minimum: int | None = None) -> Check:
+    """An integer >= ``minimum`` (any integer without one; a flag's text or a YAML int; not a
+    bool, float or list)."""
+    bound = "" if minimum is None else f" >= {minimum}"
 
     def check(v: Any) -> int:
         n = _as_int(v)
-        if n is None or n < minimum:
-            raise BadValue(f"must be an integer >= {minimum} (got {v!r})")
+        if n is None or (minimum is not None and n < minimum):
+            raise BadValue(f"must be an integer{bound} (got {v!r})")
         return n
 
-    return _checker(check, f"integer>={minimum}")
+    return _checker(check, f"integer{bound.replace(' ', '')}")
 
 
 def number(
@@ -319,6 +321,26 @@ def optional(check: Check) -> Check:
         return check(v)
 
     return _checker(opt, f"optional {check.__name__}", getattr(check, "options", None))
+
+
+def like(default: Any) -> Check | None:
+    """The checker for a value that replaces ``default``, chosen by the default's type: a bool
+    takes true/false, an int an integer (not 2.5, not a bool), a float a finite number, a string
+    a non-empty string; None (a default of any other type, or none) leaves the value to its user.
+
+    Hyperparameters and defense options have no declared types, only defaults; typing an override
+    from its default refuses ``steps=2.5`` or ``p_init=abc`` before the run folder exists, where
+    the attack would otherwise truncate, coerce or crash on it minutes later.
+    """
+    if isinstance(default, bool):  # before int: a bool is an int
+        return boolean
+    if isinstance(default, int):
+        return integer()
+    if isinstance(default, float):
+        return number()
+    if isinstance(default, str):
+        return text
+    return None
 
 
 def items(v: Any) -> list[Any]:
@@ -443,35 +465,83 @@ def _param_overrides(
     return out
 
 
+def _typed(
+    out: dict[str, dict[str, Any]], defaults: Callable[[str, str], list[Any]], keep_none: bool
+) -> dict[str, dict[str, Any]]:
+    """Check every value of ``out`` against the type of its default(s) (:func:`like`); a key with
+    no default is left for the caller's own check (which names the valid keys)."""
+    for name, params in out.items():
+        for key, value in params.items():
+            if value is None and keep_none:
+                continue
+            checks = [c for c in map(like, defaults(name, key)) if c is not None]
+            try:  # "*": the type of every attack that takes the key
+                checked = [check(value) for check in checks]
+            except BadValue as e:
+                raise BadValue(f"{key if name == '*' else f'{name}.{key}'} {e}") from None
+            if checked:
+                params[key] = checked[0]
+    return out
+
+
 def attack_param_overrides(v: Any) -> dict[str, dict[str, Any]]:
     """``{attack or "*": {hyperparameter: value}}``, or ``[ATTACK.]KEY=VALUE`` texts (values read
-    as YAML). The hyperparameters themselves are checked against the attack classes once the norm
-    is known (:func:`load_eval_settings`)."""
+    as YAML). Each value must have the type of the attack's default for that key (``*``: of every
+    attack that takes it); None keeps the default. The keys themselves, and each attack's ranges,
+    are checked against the attack classes once the norm is known (:func:`load_eval_settings`)."""
     from rfd.attacks import ATTACKS
 
-    return _param_overrides(v, list(ATTACKS), "attack")
+    def defaults(name: str, key: str) -> list[Any]:
+        classes = ATTACKS.values() if name == "*" else [ATTACKS[name]]
+        return [d[key] for c in classes for d in c.defaults.values() if key in d]
+
+    return _typed(_param_overrides(v, list(ATTACKS), "attack"), defaults, keep_none=True)
+
+
+# constructor arguments of a defense that evaluate.py sets itself (not --defense-param options)
+_RESERVED = frozenset({"self", "model", "seed", "nu", "layers", "data"})
+
+
+def defense_config(defense: str) -> dict[str, Any]:
+    """The defaults of ``configs/defense/<defense>.yaml`` (a ``NoiseDefense`` callback config)."""
+    path = CONFIG_DIR / "defense" / f"{defense}.yaml"
+    return dict(read_yaml_mapping(path).get("init_args") or {}) if path.is_file() else {}
+
+
+def defense_defaults(defense: str) -> dict[str, Any]:
+    """A defense's options as it is built when nothing overrides them: its constructor's
+    defaults, under ``configs/defense/<defense>.yaml``'s ``options``."""
+    import inspect
+
+    from rfd.defenses import DEFENSES
+
+    sig = inspect.signature(DEFENSES[defense].__init__).parameters
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    own = {k: p.default for k, p in sig.items() if k not in _RESERVED and p.kind in kinds}
+    return {**{k: None if v is inspect.Parameter.empty else v for k, v in own.items()},
+            **(defense_config(defense).get("options") or {})}  # fmt: skip
 
 
 def defense_param_overrides(v: Any) -> dict[str, dict[str, Any]]:
     """``{defense: {option: value}}`` or ``DEFENSE.KEY=VALUE`` texts: options of the defense's
     constructor (they override ``configs/defense/<name>.yaml``'s ``options``). Each key must be a
-    keyword the defense's constructor takes; the values are checked by the constructor."""
+    keyword the defense's constructor takes, each value of the type of that option's default
+    (:func:`defense_defaults`); the constructor checks the ranges."""
     import inspect
 
     from rfd.defenses import DEFENSES
 
     out = _param_overrides(v, list(DEFENSES), "defense", wildcard=False)
-    reserved = {"self", "model", "seed", "nu", "layers", "data"}
     for name, params in out.items():
         sig = inspect.signature(DEFENSES[name].__init__).parameters
         kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        allowed = [k for k, prm in sig.items() if k not in reserved and prm.kind in kinds]
+        allowed = [k for k, prm in sig.items() if k not in _RESERVED and prm.kind in kinds]
         for key in params:
             if key not in allowed:
                 raise BadValue(
                     f"has unknown {name} option {key!r}; allowed: {', '.join(allowed) or 'none'}"
                 )
-    return out
+    return _typed(out, lambda name, key: [defense_defaults(name).get(key)], keep_none=False)
 
 
 def _norms() -> Sequence[str]:
@@ -786,6 +856,16 @@ def spec_of(s: EvalSettings) -> dict[str, Any]:
     for k in NON_SEMANTIC:
         d.pop(k)
     return d
+
+
+def repo_path(path: str | Path) -> str:
+    """``path`` resolved, relative to the repository root when inside it: one spelling per file
+    (``fmnist_default``, ``configs/fmnist_default.yaml`` and its absolute path are one model)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        return str(p)
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -496,3 +496,22 @@ def test_cli_refuses_bad_input_before_wandb_starts(
             "--out", str(tmp_path / "out"), "--wandb", "offline", *flags]  # fmt: skip
     assert message in _one_line_exit_2(capsys, argv)
     assert started == [] and afile.read_text() == "x" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST is not installed (make data)")
+def test_cli_an_unreachable_target_drop_is_a_usage_error(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_resnet
+):
+    """Asking for more drop than noise gives is bad input (exit 2, one line), not a crash."""
+    import rfd.defenses
+    from rfd.defenses.calibration import TargetUnreachable
+
+    def gives_up(*args, **kwargs):
+        raise TargetUnreachable(1523.0, 0.76, 0.95)
+
+    monkeypatch.setattr(rfd.defenses, "calibrate", gives_up)
+    ckpt = _checkpoint(tmp_path, tiny_resnet)
+    argv = ["theorem1", "--checkpoint", str(ckpt), "--n-images", "10", "--target-drop", "0.95",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    err = _one_line_exit_2(capsys, argv)
+    assert "--target-drop: noise up to nu=1523 drops accuracy by 0.7600 < 0.95" in err

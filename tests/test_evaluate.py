@@ -80,7 +80,7 @@ def test_cli_grid_writes_table_json_csv_plots_that_agree(
         assert r100 <= r50 <= cell["attack_clean_acc"] + 1e-9
         assert f"{100 * r100:.1f}" in table
         assert any(
-            line.startswith(f"{cell['model']},{cell['defense']},{cell['attack']}")
+            line.startswith(f"{cell['model']},,tiny,{cell['defense']},{cell['attack']}")
             and ",100,20," in line
             for line in csv_rows
         )
@@ -165,6 +165,12 @@ BAD = {
     "l2 eps beyond the diagonal": (["--norm", "l2", "--eps", "1000"], "eps must be < 28"),
     "too many devices": (["--devices", "999"], "but this machine allows at most"),
     "linf eps 1": (["--eps", "1"], "eps must be < 1 for norm linf"),
+    # typed from the default (a float) before the run folder exists, not a TypeError later
+    "attack param type": (["--attack-param", "apgd.rho=abc"], "apgd.rho must be a finite number"),
+    "defense param type": (
+        ["--defense", "aaa", "--defense-param", "aaa.steps=abc"],
+        "aaa.steps must be an integer (got 'abc')",
+    ),
 }
 
 
@@ -430,3 +436,191 @@ def test_a_detecting_defense_gets_its_verdict_on_every_fooled_image(model_args, 
     records = [r for p in (tmp_path / "run" / "cells").glob("*/records.*.jsonl")
                for r in map(json.loads, p.read_text().splitlines())]  # fmt: skip
     assert records and all(r["detected"] == r["success"] for r in records)
+
+
+# --------------------------------------------------------------------------- what a run folder holds
+
+
+def _tiny_config(tmp_path: Path, run_name: str) -> Path:
+    cfg = tmp_path / f"{run_name}.yaml"
+    cfg.write_text(
+        "model: {model_name: test_resnet, num_classes: 10, in_chans: 1}\n"
+        "data: {class_path: rfd.data.FashionMNISTDataModule, init_args: {batch_size: 256}}\n"
+        f"run_name: {run_name}\n"
+    )
+    return cfg
+
+
+def test_models_with_one_display_name_keep_their_own_rows_curves_and_calibrations(
+    trained_fmnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two models that display alike (both "test_resnet (FMNIST)") get their run names appended,
+    so neither the table, nor the plots, nor the CSV merge them; a tag alone keeps them apart."""
+    from rfd import report
+
+    plotted: dict[str, dict] = {}
+
+    def capture(name: str):
+        def plot(lines: dict, path: Path) -> Path:
+            plotted[name] = lines
+            return path
+
+        return plot
+
+    for name in ("plot_robust_vs_queries", "plot_clean_vs_nu"):
+        monkeypatch.setattr(report, name, capture(name))
+    ckpt = str(trained_fmnist.checkpoint)
+    models = [{"config": str(_tiny_config(tmp_path, n)), "checkpoint": ckpt} for n in "ab"]
+    models.append({**models[0], "tag": "AT"})  # Table 4's case: one config, rows by tag
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(json.dumps({"models": models}))
+    run_dir = tmp_path / "run"
+    summaries = evaluate_main(
+        ["--eval-config", str(grid), "--defense", "input", "--attack", "square", "--n-images",
+         "10", "--queries", "20", "--target-drop", "0.04", "--n-calibration", "100",
+         "--run-dir", str(run_dir), "--wandb", "disabled"]
+    )  # fmt: skip
+    shown = "test_resnet (FMNIST)"
+    assert [(c["model"], c["tag"], c["run_name"]) for c in summaries] == [
+        (f"{shown} (a)", None, "a"), (f"{shown} (b)", None, "b"), (shown, "AT", "a~2"),
+    ]  # fmt: skip
+    table = (run_dir / "table.md").read_text()
+    for row in (f"| {shown} (a) | Input |", f"| {shown} (b) | Input |", f"| {shown} | Input+AT |"):
+        assert row in table, table
+    assert len(plotted["plot_robust_vs_queries"]) == 3  # one panel per model and attack
+    assert len(plotted["plot_clean_vs_nu"]) == 3  # one calibration curve per model
+    header = (run_dir / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["model", "tag", "run_name", "defense", "attack"]
+    cells = sorted(p.name for p in (run_dir / "cells").iterdir())
+    assert cells == ["a__input__square", "a~2__input__square", "b__input__square"]
+
+
+def _refusal(capsys: pytest.CaptureFixture, args: list[str]) -> str:
+    assert run_cli(evaluate_main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_changed_checkpoint_or_attack_config_is_refused_on_resume(
+    model_args, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settings alone do not decide the numbers: a checkpoint retrained in place and an
+    edited configs/attack/<name>.yaml change them too, so spec.json records both (the
+    checkpoint's content hash, the attack parameters as resolved) and a resume refuses to mix."""
+    import shutil
+
+    import rfd.settings
+
+    configs = tmp_path / "configs"
+    shutil.copytree(rfd.settings.CONFIG_DIR, configs)
+    monkeypatch.setattr(rfd.settings, "CONFIG_DIR", configs)
+    ckpt = tmp_path / "model.ckpt"
+    shutil.copy(model_args[3], ckpt)
+    run_dir = tmp_path / "run"
+    args = [*model_args[:3], str(ckpt), "--defense", "none", "--attack", "square", "--n-images",
+            "10", "--queries", "20", "--run-dir", str(run_dir), "--wandb", "disabled"]  # fmt: skip
+    evaluate_main(args)
+    spec = json.loads((run_dir / "spec.json").read_text())
+    assert spec["models"][0]["checkpoint_hash"]
+    assert spec["attack_params"]["square"]["p_init"] == 0.05  # configs/attack/square.yaml's
+    evaluate_main(args)  # unchanged: resumes (nothing left to do)
+
+    square = configs / "attack" / "square.yaml"
+    original = square.read_text()
+    square.write_text(original.replace("p_init: 0.05", "p_init: 0.1", 1))
+    err = _refusal(capsys, args)
+    assert "holds results of other settings (differ in: attack_params)" in err
+    square.write_text(original)
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)  # retrained in place
+    weights = state["state_dict"]
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key] + 1e-3
+    torch.save(state, ckpt)
+    err = _refusal(capsys, args)
+    assert "holds results of other settings (differ in: models)" in err
+
+
+def test_a_spec_written_before_the_checkpoint_hash_resumes_when_its_settings_agree(
+    model_args, tmp_path: Path, capsys
+) -> None:
+    """A run folder from before spec.json held checkpoint hashes and resolved parameters (the
+    settings alone) resumes when those agree, is then upgraded, and still refuses other ones."""
+    from rfd.settings import load_eval_settings, spec_of
+
+    run_dir = tmp_path / "run"
+    args = [*model_args, "--defense", "none", "--attack", "square", "--n-images", "10",
+            "--queries", "20", "--run-dir", str(run_dir), "--wandb", "disabled"]  # fmt: skip
+    evaluate_main(args)
+    legacy = json.dumps(spec_of(load_eval_settings(args)))
+    (run_dir / "spec.json").write_text(legacy)
+    evaluate_main(args)
+    assert json.loads((run_dir / "spec.json").read_text())["spec_version"] == 2
+    (run_dir / "spec.json").write_text(legacy)
+    assert "differ in: eps" in _refusal(capsys, [*args, "--eps", "0.05"])
+
+
+def test_an_unreachable_target_drop_is_one_line_and_leaves_no_claim(model_args, tmp_path, capsys):
+    """A target drop no noise reaches is found only by calibration, after the folder is claimed:
+    exit 2 with the drop of the strongest noise tried, and the corrected command then runs in the
+    same folder."""
+    run_dir = tmp_path / "run"
+    args = [*model_args, "--defense", "input", "--attack", "square", "--n-images", "10",
+            "--queries", "20", "--n-calibration", "50", "--run-dir", str(run_dir),
+            "--wandb", "disabled"]  # fmt: skip
+    err = _refusal(capsys, [*args, "--target-drop", "0.95"])
+    assert "target_drop 0.95 cannot be reached by defense input" in err
+    assert "the strongest noise tried (nu=" in err and ") drops accuracy by 0." in err
+    assert not (run_dir / "spec.json").exists()
+    (cell,) = evaluate_main([*args, "--target-drop", "0.04"])
+    assert cell["calibration"]["target_drop"] == 0.04
+
+
+@pytest.mark.parametrize("content", ["", "[1, 2]", '{"models": '])
+def test_a_corrupt_spec_is_one_line_and_overwrite_replaces_it(
+    content: str, model_args, tmp_path: Path, capsys
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.json").write_text(content)
+    args = [*model_args, "--defense", "none", "--attack", "square", "--n-images", "10",
+            "--queries", "20", "--run-dir", str(run_dir), "--wandb", "disabled"]  # fmt: skip
+    err = _refusal(capsys, args)
+    assert f"run dir {run_dir}: spec.json is unreadable (" in err
+    assert "use --overwrite or another --run-dir" in err
+    evaluate_main([*args, "--overwrite"])
+    assert json.loads((run_dir / "spec.json").read_text())["n_images"] == 10
+    assert [p.name for p in run_dir.glob(".spec.json*")] == []  # written through a temp file
+
+
+def test_equivalent_config_spellings_are_one_model_and_one_run_folder(
+    trained_fmnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare name, the file name and the absolute path of one config are one model: the same
+    default run folder (its name hashes the spec), which the other spellings resume."""
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/eval/..., lands here
+    base = ["--checkpoint", str(trained_fmnist.checkpoint), "--defense", "none", "--attack",
+            "square", "--n-images", "10", "--queries", "20", "--wandb", "disabled"]  # fmt: skip
+    for spelling in ("fmnist_default", "fmnist_default.yaml",
+                     str(REPO_ROOT / "configs" / "fmnist_default.yaml")):  # fmt: skip
+        evaluate_main(["--config", spelling, *base])
+    (folder,) = (tmp_path / "runs" / "eval").iterdir()
+    model = json.loads((folder / "spec.json").read_text())["models"][0]
+    assert model["config"] == "configs/fmnist_default.yaml"
+
+
+def test_demo_adds_its_target_drop_only_when_the_extra_arguments_fix_neither() -> None:
+    import importlib.util
+
+    from rfd.settings import load_eval_settings
+
+    spec = importlib.util.spec_from_file_location("demo", REPO_ROOT / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.demo_args([])[demo.demo_args([]).index("--target-drop") + 1] == "0.02"
+    for extra in (["--nu", "0.1"], ["--nu=0.1"], ["--target-drop", "0.04"]):
+        args = demo.demo_args(extra)
+        assert args.count("--target-drop") == (extra[0] == "--target-drop"), args
+        load_eval_settings(args)  # not "give --nu ... or --target-drop ..., not both"
+    assert load_eval_settings(demo.demo_args(["--nu", "0.1"])).nu == 0.1

@@ -94,6 +94,24 @@ def test_paper_table_decision_attacks_aaa_and_eot(titled) -> None:
     assert rows[0][3:] == ["20.0 (24.2)", "10.0 (10.5)"]  # Table 7, M = 5
 
 
+def test_models_of_one_display_name_stay_apart(tmp_path, titled) -> None:
+    """Two models shown alike (fmnist_default and fmnist_gauss025: "test_resnet (FMNIST)") keep
+    their own rows, and the CSV says which run and tag each row is."""
+    shown = "test_resnet (FMNIST)"
+    names = report.unique_displays([shown, shown, shown, "VGG19"], [None, None, "AT", None],
+                                   ["fmnist_default", "fmnist_gauss025", "fmnist_pgdat", "vgg"])  # fmt: skip
+    assert names == [f"{shown} (fmnist_default)", f"{shown} (fmnist_gauss025)", shown, "VGG19"]
+    # rows are keyed by run name too, so summaries that still share a display name never merge
+    a = cell(shown, "none", "square", {"1000": 0.2}, run_name="fmnist_default")
+    b = cell(shown, "none", "square", {"1000": 0.6}, run_name="fmnist_gauss025")
+    _, rows = report.paper_table([a, b])
+    assert [r[3] for r in rows] == ["20.0", "60.0"]
+    paths = report.write_summary_files(tmp_path, [{**a, "tag": "AT", "n_images": 1}, b])
+    lines = paths["csv"].read_text().splitlines()
+    assert lines[1].startswith(f"{shown},AT,fmnist_default,none,square,")
+    assert lines[2].startswith(f"{shown},,fmnist_gauss025,none,square,")
+
+
 def test_summary_files_details_and_plots(tmp_path, titled) -> None:
     stats = {"forwards": 4, "fill_sum": 3.0, "rows": 300, "seconds": 2.0}
     s = summarize(RECORDS, [100, 1000], stats=stats)
@@ -104,7 +122,7 @@ def test_summary_files_details_and_plots(tmp_path, titled) -> None:
     assert data[0]["robust_acc_at"]["1000"] == pytest.approx(0.25)
     assert data[0]["robust_acc"] == pytest.approx(0.25)
     lines = paths["csv"].read_text().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("model,defense,attack")
+    assert len(lines) == 3 and lines[0].startswith("model,tag,run_name,defense,attack")
     header = lines[0].split(",")
     assert {"batch_fill", "queries_per_second", "robust_acc", "budget"} <= set(header)
     row = dict(zip(header, lines[1].split(","), strict=True))

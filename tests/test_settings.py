@@ -301,6 +301,49 @@ def test_attack_params_are_checked_against_the_attacks(tmp_path, capsys):
     assert "names unknown attack 'rayz'" in _one_error(capsys, ["--attack-param", "rayz.tol=1"])
 
 
+BAD_TYPES = [
+    # (flags, the message's part naming key, allowed type and value)
+    (["--attack-param", "apgd.rho=abc"], "apgd.rho must be a finite number (got 'abc')"),
+    (["--attack-param", "cw_l2.kappa=.nan"], "cw_l2.kappa must be a finite number (got nan)"),
+    (["--attack-param", "pgd.steps=2.5"], "pgd.steps must be an integer (got 2.5)"),
+    (["--attack-param", "pgd.steps=true"], "pgd.steps must be an integer (got True)"),
+    (["--attack-param", "square.p_init=true"], "square.p_init must be a finite number (got True)"),
+    (["--attack-param", "square.p_init=abc"], "square.p_init must be a finite number (got 'abc')"),
+    (["--attack-param", "p_init=abc"], "p_init must be a finite number (got 'abc')"),
+    (["--attack-param", "pgd.random_start=1"], "pgd.random_start must be true or false (got 1)"),
+    (["--attack-param", "pgd.loss=3"], "pgd.loss must be a non-empty string (got 3)"),
+    (["--defense-param", "aaa.steps=abc"], "aaa.steps must be an integer (got 'abc')"),
+    (["--defense-param", "smoothing.sigma=.inf"], "smoothing.sigma must be a finite number"),
+    (["--defense-param", "jpeg.quality=null"], "jpeg.quality must be an integer (got None)"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_TYPES, ids=[a[1] for a, _ in BAD_TYPES])
+def test_attack_and_defense_params_are_typed_from_their_defaults(argv, message, tmp_path, capsys):
+    """An override must have its default's type: checked where the overrides are parsed, so
+    `pgd.steps=2.5` is not run as PGD-2 and `apgd.rho=abc` is no TypeError minutes later."""
+    err = _one_error(capsys, ["--eval-config", str(_yaml(tmp_path, "")), *argv])
+    assert message in err and argv[0] in err
+
+
+def test_typed_overrides_from_yaml_and_the_values_they_become(tmp_path, capsys):
+    path = _yaml(tmp_path, "attack_params: {pgd: {steps: 2.5}}\n")
+    err = _one_error(capsys, ["--eval-config", str(path)])
+    assert "pgd.steps must be an integer (got 2.5)" in err and str(path) in err
+    s = _load(
+        tmp_path, "",
+        *("--attack", "square,nes", "--attack-param", "square.p_init=1"),
+        *("--attack-param", "nes.fd_eta=1e-3", "--attack-param", "nes.samples=null"),
+        *("--defense-param", "aaa.tau=6", "--defense-param", "magnet.threshold=0.5"),
+    )  # fmt: skip
+    # ints where floats belong become floats, YAML's string "1e-3" a number, null the default
+    assert s.attack_params == {"square": {"p_init": 1.0}, "nes": {"fd_eta": 0.001, "samples": None}}
+    assert type(s.attack_params["square"]["p_init"]) is float
+    assert s.defense_params == {"aaa": {"tau": 6.0}, "magnet": {"threshold": 0.5}}  # None default
+    # the attacks' own range checks still apply after the type check
+    assert "p_init" in _one_error(capsys, ["--attack-param", "square.p_init=5"])
+
+
 # --------------------------------------------------------------------------- spec and parser
 
 

@@ -538,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> dict[str, Path]:
+    from rfd.defenses.calibration import TargetUnreachable
+
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
@@ -555,7 +557,10 @@ def _main(argv: list[str] | None) -> dict[str, Path]:
                 mode=args.wandb,
                 config={k: str(v) for k, v in vars(args).items()},
             )
-        files = run(args, loaded)
+        try:
+            files = run(args, loaded)
+        except TargetUnreachable as e:  # a request beyond the noise, not a failure
+            raise UsageError(f"--target-drop: {e}; use a smaller value or a fixed --nu") from None
     finally:
         if wandb_run is not None:
             wandb_run.finish()

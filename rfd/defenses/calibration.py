@@ -74,6 +74,21 @@ class Calibration:
     chosen: str | None = None
 
 
+class TargetUnreachable(RuntimeError):
+    """No noise level tried reaches the target drop: a request beyond what the defense can do
+    (front ends report it as a usage error), not a failure of the search.
+
+    Attributes:
+        nu: the strongest noise tried (the search's last and largest).
+        drop: the drop measured there.
+        target: the drop asked for.
+    """
+
+    def __init__(self, nu: float, drop: float, target: float) -> None:
+        super().__init__(f"noise up to nu={nu:.4g} drops accuracy by {drop:.4f} < {target}")
+        self.nu, self.drop, self.target = nu, drop, target
+
+
 def default_cache_dir() -> Path:
     """``$RFD_CACHE_DIR/calibration``, else ``~/.cache/rfd/calibration``."""
     root = os.environ.get("RFD_CACHE_DIR") or Path.home() / ".cache" / "rfd"
@@ -210,7 +225,7 @@ def _search(evaluate: Any, guess: float, target: float, tol: float, max_evals: i
     evals, best = 1, (abs(d_hi - target), guess)
     while d_hi < target and best[0] > tol:
         if evals >= max_evals or hi > guess * 1e6:
-            raise RuntimeError(f"noise up to nu={hi:.4g} drops accuracy by {d_hi:.4f} < {target}")
+            raise TargetUnreachable(hi, d_hi, target)
         # local power-law exponent from the last two points (2 until there are two)
         k = math.log(d_hi / d_lo) / math.log(hi / lo) if 0 < d_lo < d_hi else 2.0
         step = 1.1 * (target / d_hi) ** (1 / min(max(k, 1.0), 4.0)) if d_hi > 0 else 4.0
