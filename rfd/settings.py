@@ -508,18 +508,23 @@ def defense_config(defense: str) -> dict[str, Any]:
     return dict(read_yaml_mapping(path).get("init_args") or {}) if path.is_file() else {}
 
 
-def defense_defaults(defense: str) -> dict[str, Any]:
-    """A defense's options as it is built when nothing overrides them: its constructor's
-    defaults, under ``configs/defense/<defense>.yaml``'s ``options``."""
+def _constructor_options(defense: str) -> dict[str, Any]:
+    """The options a defense's constructor takes (keywords evaluate.py does not set itself),
+    with their defaults (None where it has none)."""
     import inspect
 
     from rfd.defenses import DEFENSES
 
     sig = inspect.signature(DEFENSES[defense].__init__).parameters
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    own = {k: p.default for k, p in sig.items() if k not in _RESERVED and p.kind in kinds}
-    return {**{k: None if v is inspect.Parameter.empty else v for k, v in own.items()},
-            **(defense_config(defense).get("options") or {})}  # fmt: skip
+    return {k: None if p.default is inspect.Parameter.empty else p.default
+            for k, p in sig.items() if k not in _RESERVED and p.kind in kinds}  # fmt: skip
+
+
+def defense_defaults(defense: str) -> dict[str, Any]:
+    """A defense's options as it is built when nothing overrides them: its constructor's
+    defaults, under ``configs/defense/<defense>.yaml``'s ``options``."""
+    return {**_constructor_options(defense), **(defense_config(defense).get("options") or {})}
 
 
 def defense_param_overrides(v: Any) -> dict[str, dict[str, Any]]:
@@ -527,21 +532,18 @@ def defense_param_overrides(v: Any) -> dict[str, dict[str, Any]]:
     constructor (they override ``configs/defense/<name>.yaml``'s ``options``). Each key must be a
     keyword the defense's constructor takes, each value of the type of that option's default
     (:func:`defense_defaults`); the constructor checks the ranges."""
-    import inspect
-
     from rfd.defenses import DEFENSES
 
     out = _param_overrides(v, list(DEFENSES), "defense", wildcard=False)
     for name, params in out.items():
-        sig = inspect.signature(DEFENSES[name].__init__).parameters
-        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        allowed = [k for k, prm in sig.items() if k not in _RESERVED and prm.kind in kinds]
+        allowed = list(_constructor_options(name))
         for key in params:
             if key not in allowed:
                 raise BadValue(
                     f"has unknown {name} option {key!r}; allowed: {', '.join(allowed) or 'none'}"
                 )
-    return _typed(out, lambda name, key: [defense_defaults(name).get(key)], keep_none=False)
+    defaults = {name: defense_defaults(name) for name in out}
+    return _typed(out, lambda name, key: [defaults[name].get(key)], keep_none=False)
 
 
 def _norms() -> Sequence[str]:
