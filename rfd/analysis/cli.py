@@ -254,18 +254,9 @@ def preflight(args: argparse.Namespace) -> LoadedRun:
         for spec in args.probes:
             _probe(spec)
     if args.command == "strength-sweep":
-        from rfd.analysis.sweeps import STRENGTHS
+        from rfd.analysis.sweeps import check_strength_sweep
 
-        for a in args.attacks:
-            if a not in STRENGTHS:
-                raise UsageError(
-                    f"no strength knob for attack {a!r}; valid: {', '.join(STRENGTHS)}"
-                )
-        for d in args.defenses:
-            if d not in ("none", "input", "feature"):
-                raise UsageError(
-                    f"unknown defense {d!r} for the sweep; valid: none, input, feature"
-                )
+        check_strength_sweep(args.attacks, args.defenses)  # ValueError: one line, exit 2
     if args.command == "layer-sweep":
         from rfd.attacks.api import make_attack
 

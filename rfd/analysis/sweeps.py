@@ -348,6 +348,17 @@ class StrengthSweepResult:
     settings: dict[str, Any]
 
 
+def check_strength_sweep(attacks: Sequence[str], defenses: Sequence[str]) -> None:
+    """Refuse an attack without a strength knob or a defense the sweep does not compare; the
+    CLI calls it before loading anything, the sweep again for library callers."""
+    for a in attacks:
+        if a not in STRENGTHS:
+            raise ValueError(f"no strength knob for attack {a!r}; valid: {', '.join(STRENGTHS)}")
+    for d in defenses:
+        if d not in ("none", "input", "feature"):
+            raise ValueError(f"unknown defense {d!r} for the sweep; valid: none, input, feature")
+
+
 def strength_sweep(
     model: nn.Module,
     eval_data: Data,
@@ -386,12 +397,7 @@ def strength_sweep(
         target_drop, norm, eps, max_queries, criterion, n_images, n_calib, n_passes, seed,
         cache_dir, use_cache, progress: as in :func:`layer_sweep`.
     """
-    for a in attacks:
-        if a not in STRENGTHS:
-            raise ValueError(f"no strength knob for attack {a!r}; valid: {', '.join(STRENGTHS)}")
-    for d in defenses:
-        if d not in ("none", "input", "feature"):
-            raise ValueError(f"unknown defense {d!r} for the sweep; valid: none, input, feature")
+    check_strength_sweep(attacks, defenses)
     if layer != INPUT:
         from rfd.models import resolve_layer
 
