@@ -78,6 +78,17 @@ def select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.lerp(b, a, w)
 
 
+def bracket_stuck(lo: Tensor, hi: Tensor) -> Tensor:
+    """Whether a bisection bracket can no longer shrink in its dtype (the midpoint is one end).
+
+    Published boundary searches use float64 tolerances; on float32 brackets they can lie below
+    the spacing (HSJA's Linf ``theta * dist`` at 224 px, Sign-OPT's ``beta / 500`` at distances
+    above 32), and the midpoint would then repeat one query for the rest of the budget.
+    """
+    half = (lo + hi) / 2
+    return (half == lo) | (half == hi)
+
+
 class Rows:
     """``state`` restricted to rows ``idx`` (``None``: all), each key gathered on first read.
 

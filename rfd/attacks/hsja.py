@@ -55,7 +55,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, Reply, Rows, State, View, phase_rows, select
+from rfd.attacks.base import (
+    Attack,
+    Reply,
+    Rows,
+    State,
+    View,
+    bracket_stuck,
+    phase_rows,
+    select,
+)
 
 INIT, SEARCH, GRAD, STEP = 0, 1, 2, 3
 
@@ -216,8 +225,7 @@ class HopSkipJump(Attack):
         # done within the tolerance, or once the bracket cannot shrink in the images' dtype: the
         # authors' float64 tolerance (d^-2 of the distance, Linf) lies below float32's spacing at
         # 224 px, and the midpoint would then repeat one end for the rest of the budget
-        half = (lo + hi) / 2
-        fin = searching & (~(hi - lo > thr) | (half == lo) | (half == hi))
+        fin = searching & (~(hi - lo > thr) | bracket_stuck(lo, hi))
         xb = self._toward(x0, ray, hi)  # the adversarial end of the bracket
         x = select(fin, xb, s["x"])
         dist = torch.where(fin, self._dist(xb, x0), s["dist"])

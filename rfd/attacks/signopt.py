@@ -46,21 +46,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rfd.attacks.base import Attack, Reply, State, View, select
+from rfd.attacks.base import Attack, Reply, State, View, bracket_stuck, select
 
 CHECK, SEARCH, GRAD, FIRST, GROW, SHRINK, BIN = range(7)
 UP, DOWN = 0, 1
 INIT_TOL = {"l2": 1e-3, "linf": 1e-5}  # the published initial binary-search tolerances
 STALL = {"l2": 1e-4, "linf": 1e-6}  # below this step size the published code resets alpha, beta
 LS_TRIES = 15  # the published line-search length (each way)
-
-
-def _stuck(lo: Tensor, hi: Tensor) -> Tensor:
-    """Whether a bisection bracket can no longer shrink in float32 (its midpoint is one end): at
-    distances above 32 the spacing of float32 exceeds the published tolerance ``beta / 500``, and
-    the midpoint would repeat one query for the rest of the budget."""
-    half = (lo + hi) / 2
-    return (half == lo) | (half == hi)
 
 
 class SignOPT(Attack):
@@ -171,7 +163,7 @@ class SignOPT(Attack):
         hi = torch.where(to_search, r, hi)
         hi = torch.where(search & adv, mid, hi)
         lo = torch.where(search & ~adv, mid, lo)
-        searched = search & ((hi - lo <= INIT_TOL[self.norm]) | _stuck(lo, hi))
+        searched = search & ((hi - lo <= INIT_TOL[self.norm]) | bracket_stuck(lo, hi))
         better = searched & (hi < s["g"])
         s["theta"] = select(better, s["cand"], s["theta"])
         s["g"] = torch.where(better, hi, s["g"])
@@ -211,7 +203,7 @@ class SignOPT(Attack):
         # bisecting
         hi = torch.where(bsec & adv, mid, hi)
         lo = torch.where(bsec & ~adv, mid, lo)
-        local = (bsec & ((hi - lo <= s["beta"] / 500) | _stuck(lo, hi))) | lost
+        local = (bsec & ((hi - lo <= s["beta"] / 500) | bracket_stuck(lo, hi))) | lost
         new_g = torch.where(lost, float("inf"), hi)
 
         # -- line search on the step size (the published two loops)
