@@ -116,10 +116,7 @@ class BanditsAttack(Attack):
             norm, fd_eta=fd_eta, image_lr=image_lr, online_lr=online_lr,
             exploration=exploration, tile_size=tile_size,
         )  # fmt: skip
-        for k in ("fd_eta", "image_lr", "online_lr", "exploration"):
-            v = getattr(self, k)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"bandits {k} must be a finite number > 0, got {v!r}")
+        self.require_positive("fd_eta", "image_lr", "online_lr", "exploration")
         if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int):
             raise ValueError(f"bandits tile_size must be an integer >= 1, got {self.tile_size!r}")
         if self.tile_size < 1:

@@ -379,6 +379,15 @@ class Attack:
         """The table column of this attack, or None for "title + budget" (query attacks)."""
         return None
 
+    def require_positive(self, *keys: str) -> None:
+        """Refuse hyperparameters ``keys`` unless each is a finite number > 0: ``v > 0`` alone
+        lets NaN through (a silent NaN attack) and inf (a step that jumps to the box's corner).
+        One rule and one message for every attack's real-valued knobs."""
+        for k in keys:
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{self.name} {k} must be a finite number > 0, got {v!r}")
+
     def key(self) -> tuple[Any, ...]:
         """Identity of the hyperparameters: attacks with equal keys can share one state batch."""
         return (type(self), self.norm, tuple(sorted((k, repr(v)) for k, v in self.params.items())))

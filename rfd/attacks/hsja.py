@@ -112,10 +112,7 @@ class HopSkipJump(Attack):
                 f"hsja max_num_evals ({self.max_num_evals}) must be >= init_num_evals "
                 f"({self.init_num_evals})"
             )
-        if not (
-            isinstance(self.gamma, int | float) and math.isfinite(self.gamma) and self.gamma > 0
-        ):
-            raise ValueError(f"hsja gamma must be a finite number > 0, got {self.gamma!r}")
+        self.require_positive("gamma")
 
     # -- constants of the image size -------------------------------------------------------
     def _theta(self, d: int) -> float:

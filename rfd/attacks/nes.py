@@ -14,7 +14,6 @@ pairs.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -52,12 +51,7 @@ class NESAttack(Attack):
         n = self.samples
         if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
             raise ValueError(f"nes samples must be an even integer >= 2, got {n!r}")
-        # "v > 0" alone lets NaN through as a silent NaN attack and inf as an lr that jumps to a
-        # vertex of the box every step: neither is NES.
-        for k in ("fd_eta", "lr"):
-            v = getattr(self, k)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"nes {k} must be a finite number > 0, got {v!r}")
+        self.require_positive("fd_eta", "lr")
         self.pairs = n // 2
 
     def queries(self, remaining: Tensor) -> Tensor:

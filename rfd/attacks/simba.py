@@ -100,10 +100,7 @@ class SimBA(Attack):
         super().__init__(norm, basis=basis, step=step, freq=freq, stride=stride)
         if self.basis not in BASES:
             raise ValueError(f"simba basis must be one of {', '.join(BASES)}, got {self.basis!r}")
-        v = self.step
-        # "step > 0" alone lets inf through: an infinite step turns every query into inf/NaN
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise ValueError(f"simba step must be a finite number > 0, got {v!r}")
+        self.require_positive("step")
         if not 0 < self.freq <= 1 or not 0 < self.stride <= 1:
             raise ValueError(
                 f"simba freq and stride must be in (0, 1], got {self.freq}, {self.stride}"

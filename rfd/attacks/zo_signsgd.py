@@ -20,7 +20,6 @@ the budget, and every query is projected onto the ball and [0, 1] by the engine.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -55,10 +54,7 @@ class ZOSignSGD(Attack):
         super().__init__(norm, q=q, fd_eta=fd_eta, lr=lr)
         if isinstance(self.q, bool) or not isinstance(self.q, int) or self.q < 1:
             raise ValueError(f"zo_signsgd q must be an integer >= 1, got {self.q!r}")
-        for k in ("fd_eta", "lr"):
-            v = getattr(self, k)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"zo_signsgd {k} must be a finite number > 0, got {v!r}")
+        self.require_positive("fd_eta", "lr")
 
     def queries(self, remaining: Tensor) -> Tensor:
         # the last step uses fewer directions so that the budget is used up, not overrun
