@@ -27,9 +27,12 @@ def tile_pattern(a: int, side: int, tile: int, seed: int) -> torch.Tensor:
     return small.repeat_interleave(tile, 2).repeat_interleave(tile, 3)[..., :side, :side]
 
 
-def view_at(x0: torch.Tensor, eps: float, norm: str, step: int, remaining: int = 1000) -> View:
+def view_at(
+    x0: torch.Tensor, eps: float, norm: str, step: int, remaining: int = 1000, seed: int = 7
+) -> View:
+    """The engine's view of images ``x0`` at ``step``: keys per image (from ``seed``) and step."""
     a = x0.shape[0]
-    keys = derive_rows(torch.arange(a, dtype=torch.int64), 7)
+    keys = derive_rows(torch.arange(a, dtype=torch.int64), seed)
     return View(
         x0, eps, norm, budget=10_000, remaining=torch.full((a,), remaining),
         step=torch.full((a,), step), rng=KeyedRNG(derive_rows(keys, step)),

@@ -5,9 +5,11 @@ margin ``<w, x>``, and each attack fools a tiny CNN where doing nothing fools no
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
+from test_attack_bandits import view_at as _view_at
 from test_attacks import tiny_cnn
 
 import rfd
@@ -15,18 +17,10 @@ from rfd.attacks import Reply, View
 from rfd.attacks.nes import NESAttack
 from rfd.attacks.signhunter import SignHunter
 from rfd.attacks.square import SquareAttack, meta_pattern, p_selection
-from rfd.rng import KeyedRNG, derive_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def view_at(x0: torch.Tensor, eps: float, norm: str, step: int, remaining: int = 1000) -> View:
-    a = x0.shape[0]
-    keys = derive_rows(torch.arange(a, dtype=torch.int64), 23)
-    return View(
-        x0, eps, norm, budget=10_000, remaining=torch.full((a,), remaining),
-        step=torch.full((a,), step), rng=KeyedRNG(derive_rows(keys, step)),
-    )  # fmt: skip
+view_at = partial(_view_at, seed=23)  # the keys these tests were written with
 
 
 def linear_reply(q: torch.Tensor, w: torch.Tensor) -> Reply:
