@@ -67,8 +67,21 @@ def forward_settings(s: EvalSettings, device: Any) -> dict[str, Any]:
     why, and for the measured effect of bf16 on robust accuracy.
     """
     cuda = getattr(device, "type", str(device)) == "cuda"
-    precision = s.precision or ("bf16" if cuda else "32")
-    return {"precision": precision, "channels_last": s.channels_last, "compile": s.compile}
+    return {"precision": resolve_precision(s, cuda), "channels_last": s.channels_last,
+            "compile": s.compile}  # fmt: skip
+
+
+def resolve_precision(s: EvalSettings, cuda: bool | None = None) -> str:
+    """``--precision`` as the forwards will use it: the automatic choice (no ``--precision``)
+    depends on the device, so the spec records the resolved value (``cuda`` None: predicted
+    from ``--accelerator`` and this machine, as Lightning will choose)."""
+    if s.precision:
+        return s.precision
+    if cuda is None:
+        import torch
+
+        cuda = s.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16" if cuda else "32"
 
 
 # --------------------------------------------------------------------------- the grid
@@ -241,6 +254,9 @@ def run_spec(s: EvalSettings, runs: list[LoadedRun], attacks: dict[str, Any]) ->
         if cls.calibrated and s.nu is None:  # the passes of each calibration step decide nu
             defenses[d]["calibration_passes"] = int(cfg.get("n_passes", 5))
     spec["defense_params"] = defenses
+    # the automatic precision is fp32 on CPU and bf16 on CUDA: a folder started on one and
+    # resumed on the other would mix records of two precisions under one unchanged setting
+    spec["forward_precision"] = resolve_precision(s)
     spec["spec_version"] = SPEC_VERSION
     return spec
 
@@ -291,6 +307,10 @@ def _claim_run_dir(
             # keep the earlier behaviour), so a spec without it still describes the same numbers
             defaults = _as_json(spec_of(EvalSettings()))
             old = {**{k: v for k, v in defaults.items() if k in new}, **old}
+            # a folder written before the resolved precision was recorded cannot say which one
+            # its records used: it resumes as it did then
+            if "forward_precision" not in old and "forward_precision" in new:
+                old["forward_precision"] = new["forward_precision"]
         if old != new:
             if not overwrite:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -435,6 +455,11 @@ def _run_grids(
 
         def forward(device: Any, used: dict[str, Any] = used_forward) -> dict[str, Any]:
             used.update(forward_settings(s, device))
+            if used["precision"] != spec["forward_precision"]:  # Lightning chose another device
+                raise UsageError(
+                    f"the run resolved precision {spec['forward_precision']} for "
+                    f"--accelerator {s.accelerator}, but runs on {device}; name --precision"
+                )
             return dict(used)
 
         module = GridEvaluation(lr.model, grid, s.batch_size, s.n_clean_passes, forward, bar,

@@ -312,6 +312,29 @@ def test_overwrite_removes_the_old_reports_first(model_args, tmp_path: Path) -> 
     assert not (run_dir / "cells").exists()
 
 
+def test_the_automatic_precision_is_recorded_and_checked_on_resume(model_args, tmp_path, capsys):
+    """Without --precision the forwards run fp32 on CPU and bf16 on CUDA: spec.json records the
+    resolved one, so a folder started on a GPU is not resumed in fp32 on a CPU (or back), which
+    would mix records of two precisions; a folder from before the record resumes as it did."""
+    run_dir = tmp_path / "run"
+    args = [*model_args, "--defense", "none", "--attack", "square", "--n-images", "10",
+            "--queries", "20", "--run-dir", str(run_dir), "--wandb", "disabled",
+            "--accelerator", "cpu"]  # fmt: skip
+    assert run_cli(evaluate_main, args) == 0
+    spec_file = run_dir / "spec.json"
+    spec = json.loads(spec_file.read_text())
+    assert spec["precision"] is None and spec["forward_precision"] == "32"
+    spec_file.write_text(json.dumps({**spec, "forward_precision": "bf16"}))  # as a GPU wrote it
+    results_before = (run_dir / "results.json").read_text()
+    assert run_cli(evaluate_main, args) == 2
+    assert "differ in: forward_precision" in capsys.readouterr().err
+    assert (run_dir / "results.json").read_text() == results_before
+    del spec["forward_precision"]  # written before the resolved precision was recorded
+    spec_file.write_text(json.dumps(spec))
+    assert run_cli(evaluate_main, args) == 0
+    assert json.loads(spec_file.read_text())["forward_precision"] == "32"
+
+
 # --------------------------------------------------------------------------- DDP (gloo, CPU)
 
 DDP_ARGS = ["--defense", "none,feature", "--attack", "square,signflip", "--n-images", "30",
