@@ -17,6 +17,15 @@ The plain forward time is measured during the grid itself: every ``--probe-every
 benchmark times one plain forward of a full batch (its time is taken out of the wall time), and
 the median of those probes is used. A machine whose speed drifts during the run, or whose caches
 the engine's own work leaves cold, then slows both sides of the ratio alike.
+
+``--procs N`` runs the grid as ``evaluate.py --devices N`` does on a CPU: N processes of
+cores ÷ N threads each, every one an engine over its share of the images (results are the same
+as one process's: randomness is keyed by image and query). On a small model one process leaves a
+core idle while the engine does its small tensor ops, and two threads speed a forward up by far
+less than 2×, so one process per core finishes sooner. The efficiency is then taken against the
+fastest plain forwards seen: the layout's own (each process's in-run probes, N processes
+forwarding side by side) or one process with every thread (timed before the grid), whichever
+is faster, so that a layout cannot look efficient by making forwards slower.
 Without a checkpoint (``--model`` other than the default) the model is untrained: then most
 images fall within a few queries, the hardest case for keeping batches full.
 """
@@ -24,11 +33,14 @@ images fall within a few queries, the hardest case for keeping batches full.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 import rfd
@@ -101,6 +113,103 @@ def load(
     return model.to(args.device).eval(), x.to(args.device), y.to(args.device), ids, calib
 
 
+def cells_for(args: argparse.Namespace, model: torch.nn.Module, nus: dict[str, float]) -> list:
+    """The grid's cells: every defense (ν as calibrated) under every attack."""
+    defenses = {d: protect(model, d, nu=nus[d], seed=0) for d in args.defenses.split(",")}
+    attacks = {a: make_attack(a) for a in args.attacks.split(",")}
+    return [Cell(dv, av, args.eps, args.queries, "vote", 1, 0, f"{dn}/{an}")
+            for dn, dv in defenses.items() for an, av in attacks.items()]  # fmt: skip
+
+
+def forward_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"precision": args.precision, "channels_last": args.channels_last,
+            "compile": args.compile}  # fmt: skip
+
+
+def run_share(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+              ids: torch.Tensor, nus: dict[str, float], start: Any = None) -> dict[str, Any]:  # fmt: skip
+    """One engine over images ``x``: its per-job outcomes, cell statistics and timings.
+
+    ``start`` (a barrier) lines the processes of a multi-process run up after their warm-up, so
+    that the wall time covers the grid alone.
+    """
+    fw = forward_settings(args)
+    cells = cells_for(args, model, nus)
+    probe = PlainProbe(model, x, args.batch, fw, args.probe_every)
+    for _ in range(3):  # warm-up (and compilation) outside the timings
+        probe.time_one()
+    probe.times.clear()
+    probe.spent = 0.0
+    engine = Engine(args.batch, progress=probe, **fw)
+    if start is not None:
+        start.wait()
+    t0 = time.monotonic()  # system-wide: comparable across processes
+    run = engine.run(cells, x, y, ids=ids.to(args.device))
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.monotonic()
+    cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731 (arrays pickle by value)
+    return {
+        "names": [c.name for c in cells],
+        "cell": cpu(run.cell), "used": cpu(run.used), "verify": cpu(run.verify),
+        "probe": cpu(run.probe), "success": cpu(run.success),
+        "clean_correct": cpu(run.clean_correct),
+        "stats": [st.as_dict() for st in run.stats],
+        "forwards": run.forwards, "fill_total": run.fill_total,
+        "forward_seconds": run.forward_seconds, "probe_times": probe.times,
+        "t0": t0, "t1": t1, "probe_spent": probe.spent, "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def _worker(rank: int, procs: int, threads: int, args: argparse.Namespace,
+            nus: dict[str, float], start: Any, out: Any) -> None:  # fmt: skip
+    """One process of a ``--procs`` run: images ``rank::procs``, ``threads`` torch threads."""
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    model, x, y, ids, _ = load(args)
+    share = slice(rank, None, procs)
+    out.put((rank, run_share(args, model, x[share], y[share], ids[share], nus, start)))
+
+
+def run_procs(args: argparse.Namespace, procs: int, nus: dict[str, float]) -> list[dict[str, Any]]:
+    """The grid in ``procs`` spawned processes, the cores split evenly between them."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a forked OpenMP runtime can hang; spawn starts clean
+    threads = max(1, torch.get_num_threads() // procs)
+    start, out = ctx.Barrier(procs), ctx.SimpleQueue()
+    ps = [ctx.Process(target=_worker, args=(r, procs, threads, args, nus, start, out))
+          for r in range(procs)]  # fmt: skip
+    for p in ps:
+        p.start()
+    shares = dict(out.get() for _ in ps)
+    for p in ps:
+        p.join()
+        if p.exitcode:
+            raise SystemExit(f"benchmark process failed with exit code {p.exitcode}")
+    return [shares[r] for r in range(procs)]
+
+
+def plain_time(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) -> float:
+    """The plain forward time per image at full batch in this process (every thread), outside any
+    grid: the one-process reference a multi-process layout is held to."""
+    probe = PlainProbe(model, x, args.batch, forward_settings(args), 1)
+    for _ in range(3):
+        probe.time_one()
+    probe.times.clear()
+    for _ in range(20):
+        probe.time_one()
+    return probe.per_image
+
+
+def procs_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--procs takes a positive integer or auto, got {value!r}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="test_resnet")
@@ -120,58 +229,86 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
+    ap.add_argument(
+        "--procs", type=procs_arg, default=1,
+        help="processes sharing the images (CPU only; auto: one per core, as evaluate.py "
+        "--devices N runs); the threads are split between them",
+    )  # fmt: skip
     ap.add_argument("--probe-every", type=int, default=100, help="forwards between plain timings")
     args = ap.parse_args(argv)
     keep_freed_memory()  # as every front end does (rfd.settings.run_cli)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fw = {"precision": args.precision, "channels_last": args.channels_last, "compile": args.compile}
+    procs = args.procs
+    if procs == "auto":
+        procs = 1 if args.device != "cpu" else len(os.sched_getaffinity(0))
+    if procs > 1 and args.device != "cpu":
+        ap.error("--procs > 1 is for CPU runs (a GPU is one device: use --device cpu)")
     model, x, y, ids, calib = load(args)
-    defenses = {}
-    for d in args.defenses.split(","):
-        nu = calibrate(model, d, data=calib, target_drop=0.02) if d in ("input", "feature") else 0.0
-        defenses[d] = protect(model, d, nu=nu, seed=0)
-    attacks = {a: make_attack(a) for a in args.attacks.split(",")}
-    cells = [Cell(dv, av, args.eps, args.queries, "vote", 1, 0, f"{dn}/{an}")
-             for dn, dv in defenses.items() for an, av in attacks.items()]  # fmt: skip
-    probe = PlainProbe(model, x, args.batch, fw, args.probe_every)
-    for _ in range(3):  # warm-up (and compilation) outside the timings
-        probe.time_one()
-    probe.times.clear()
-    probe.spent = 0.0
-    engine = Engine(args.batch, progress=probe, **fw)
-    t0 = time.perf_counter()
-    run = engine.run(cells, x, y, ids=ids.to(args.device))
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0 - probe.spent
-    per_image = probe.per_image
-    charged, verify, probe_rows = int(run.used.sum()), int(run.verify.sum()), int(run.probe.sum())
-    rows = charged + verify + probe_rows
-    print(f"model {args.model} {args.img_size}px on {args.device} ({torch.get_num_threads()} threads), "
-          f"{len(defenses)} defenses x {len(attacks)} attacks, {args.n_images} images, "
-          f"{args.queries} queries, batch {args.batch}, precision {args.precision}")  # fmt: skip
-    print(f"{'cell':22s} {'robust':>7s} {'fill':>6s} {'forwards':>9s} {'q/s':>9s}")
-    for ci, c in enumerate(cells):
-        st, sel = run.stats[ci], run.cell == ci
-        robust = float((run.clean_correct[sel] & ~run.success[sel]).float().mean())
-        qps = float(run.used[sel].sum()) / st.seconds if st.seconds else float("nan")
-        print(
-            f"{c.name:22s} {robust:7.3f} {st.fill_sum / st.forwards:6.3f} {st.forwards:9d} {qps:9.0f}"
-        )
-    print(f"wall {wall:.1f} s, {run.forwards} forwards, {rows} rows ({charged} charged, {verify} "
-          f"verification, {probe_rows} probe), plain forward {per_image * 1e6:.1f} us/image "
-          f"(median of {len(probe.times)} timings during the run)")  # fmt: skip
-    plain, outside = rows * per_image, wall - run.forward_seconds
-    print(f"time: {plain:.1f} s plain forwards of the rows, {run.forward_seconds - plain:.1f} s "
-          f"more inside forwards (defense noise, per-row plans), {outside:.1f} s outside "
-          f"forwards ({outside / run.forwards * 1e3:.2f} ms per forward: selection, attack "
-          f"arithmetic, bookkeeping)")  # fmt: skip
-    print(
-        f"batch fill {run.fill_total / run.forwards:.3f} | forward share "
-        f"{run.forward_seconds / wall:.3f} | efficiency {plain / wall:.3f}"
-    )
+    nus = {d: calibrate(model, d, data=calib, target_drop=0.02) if d in ("input", "feature")
+           else 0.0 for d in args.defenses.split(",")}  # fmt: skip
+    single = None
+    if procs == 1:
+        shares = [run_share(args, model, x, y, ids, nus)]
+    else:
+        single = plain_time(args, model, x)
+        shares = run_procs(args, procs, nus)
+    report(args, shares, single)
     return 0
+
+
+def report(args: argparse.Namespace, shares: list[dict[str, Any]], single: float | None) -> None:
+    """Print the per-cell table and the grid's totals, summed over the processes."""
+    procs, names = len(shares), shares[0]["names"]
+    cat = lambda k: torch.from_numpy(np.concatenate([s[k] for s in shares]))  # noqa: E731
+    cell, used, success, clean = cat("cell"), cat("used"), cat("success"), cat("clean_correct")
+    charged, verify, probe_rows = int(used.sum()), int(cat("verify").sum()), int(cat("probe").sum())
+    rows = charged + verify + probe_rows
+    forwards = sum(s["forwards"] for s in shares)
+    t0 = min(s["t0"] for s in shares)
+    # each process's wall time less its own probes; the grid ends with the last process
+    wall = max(s["t1"] - t0 - s["probe_spent"] for s in shares)
+    forward_seconds = sum(s["forward_seconds"] for s in shares) / procs
+    # the machine's plain time per row in this layout: one process's forward time per image,
+    # with ``procs`` processes forwarding side by side
+    per_proc = statistics.median(t for s in shares for t in s["probe_times"])
+    layout = per_proc / procs
+    per_image = layout if single is None else min(layout, single)
+    threads = shares[0]["threads"]
+    where = f"{procs} processes x {threads} threads" if procs > 1 else f"{threads} threads"
+    print(f"model {args.model} {args.img_size}px on {args.device} ({where}), "
+          f"{len(args.defenses.split(','))} defenses x {len(args.attacks.split(','))} attacks, "
+          f"{args.n_images} images, {args.queries} queries, batch {args.batch}, "
+          f"precision {args.precision}")  # fmt: skip
+    print(f"{'cell':22s} {'robust':>7s} {'fill':>6s} {'forwards':>9s} {'q/s':>9s}")
+    for ci, name in enumerate(names):
+        sel = cell == ci
+        robust = float((clean[sel] & ~success[sel]).float().mean())
+        st = [s["stats"][ci] for s in shares]
+        fw, fill = sum(t["forwards"] for t in st), sum(t["fill_sum"] for t in st)
+        seconds = sum(t["seconds"] for t in st) / procs  # side by side: wall, not process time
+        qps = float(used[sel].sum()) / seconds if seconds else float("nan")
+        print(f"{name:22s} {robust:7.3f} {fill / fw:6.3f} {fw:9d} {qps:9.0f}")
+    n_probes = sum(len(s["probe_times"]) for s in shares)
+    if procs > 1:  # a process that ends early leaves its core idle for the rest of the grid
+        ends = ", ".join(f"{s['t1'] - t0 - s['probe_spent']:.1f}" for s in shares)
+        print(f"processes done after {ends} s")
+    print(f"wall {wall:.1f} s, {forwards} forwards, {rows} rows ({charged} charged, {verify} "
+          f"verification, {probe_rows} probe), plain forward {per_proc * 1e6:.1f} us/image per "
+          f"process (median of {n_probes} timings during the run)")  # fmt: skip
+    if single is not None:
+        print(f"plain forward per image, machine-wide: {layout * 1e6:.1f} us in this layout, "
+              f"{single * 1e6:.1f} us in one process of {torch.get_num_threads()} threads (timed "
+              f"before the grid); efficiency is taken against the faster")  # fmt: skip
+    plain = rows * per_image
+    outside = wall - forward_seconds
+    print(f"time: {plain:.1f} s plain forwards of the rows, {forward_seconds - plain:.1f} s "
+          f"more inside forwards (defense noise, per-row plans), {outside:.1f} s outside "
+          f"forwards ({outside / forwards * procs * 1e3:.2f} ms per forward: selection, attack "
+          f"arithmetic, bookkeeping)")  # fmt: skip
+    fill = sum(s["fill_total"] for s in shares) / forwards
+    print(f"batch fill {fill:.3f} | forward share {forward_seconds / wall:.3f} | "
+          f"efficiency {plain / wall:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

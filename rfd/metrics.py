@@ -21,7 +21,9 @@ images the attack did not fool).
 :func:`merge_stats`): ``forwards`` (forwards the cell took part in), ``fill_sum`` (sum over those
 forwards of rows used ÷ batch size), ``rows`` (forward rows the cell used), ``seconds`` (wall
 seconds attributed to the cell by its share of each forward's cost: rows × the defense's
-``forwards_per_query``).
+``forwards_per_query``), and optionally ``ranks`` (how many processes ran concurrently when the
+statistics were taken, default 1: their seconds overlap in wall time, so each rank's count as
+``seconds / ranks`` when summed, and a cell's queries/s is the grid's, not one process's).
 
 :func:`summarize` turns records (plain dicts, e.g. read back from JSONL, or
 :func:`records_from_tensors` of an attack's per-image tensors) and optional statistics into the
@@ -55,7 +57,7 @@ OPTIONAL_RECORD_KEYS = ("detected",)
 # Python types of the record values that are not int.
 _RECORD_TYPES = {"clean_correct": bool, "attack_clean_correct": bool, "success": bool,
                  "defended_correct": float}  # fmt: skip
-STATS_KEYS = ("forwards", "fill_sum", "rows", "seconds")
+STATS_KEYS = ("forwards", "fill_sum", "rows", "seconds", "ranks")
 _STATS_TYPES = {"forwards": int, "fill_sum": float, "rows": int, "seconds": float}
 
 METRICS: dict[str, str] = {
@@ -80,7 +82,7 @@ METRICS: dict[str, str] = {
     "batch_fill": "mean fraction of the batch rows used in the forwards this cell took part in",
     "queries_per_second": "charged queries per wall second attributed to this cell",
     "seconds": "wall seconds attributed to this cell (its share of each forward: rows × forwards "
-    "per query)",
+    "per query; the seconds of concurrent ranks count once, divided by the number of ranks)",
     "forwards": "model forwards this cell took part in",
 }
 STATS_METRICS = ("batch_fill", "queries_per_second", "seconds", "forwards")  # only with stats
@@ -122,18 +124,25 @@ def robust_curve(
 
 
 def merge_stats(stats: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Sum engine statistics (e.g. of the runs of a resumed cell); missing keys count 0.
+    """Sum engine statistics (of the ranks of a run, and of the runs of a resumed cell); missing
+    keys count 0. Seconds of a statistic taken with ``ranks`` concurrent processes count
+    ``1 / ranks``: the ranks ran side by side, so the sum is wall time, not process time. The
+    result has no ``ranks`` key (its seconds are wall seconds already).
 
     Raises:
-        ValueError: a key that is not one of :data:`STATS_KEYS`.
+        ValueError: a key that is not one of :data:`STATS_KEYS`, or ``ranks`` below 1.
     """
     out: dict[str, Any] = {k: t(0) for k, t in _STATS_TYPES.items()}
     for s in stats:
         unknown = set(s) - set(STATS_KEYS)
         if unknown:
             raise ValueError(f"unknown engine statistic(s) {sorted(unknown)}; known: {STATS_KEYS}")
+        ranks = int(s.get("ranks", 1))
+        if ranks < 1:
+            raise ValueError(f"engine statistic ranks must be >= 1, got {ranks}")
         for k, v in s.items():
-            out[k] += _STATS_TYPES[k](v)
+            if k != "ranks":
+                out[k] += _STATS_TYPES[k](v) / ranks if k == "seconds" else _STATS_TYPES[k](v)
     return out
 
 

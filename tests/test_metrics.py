@@ -107,6 +107,19 @@ def test_engine_stats_give_batch_fill_and_throughput_and_sum_over_resumed_runs()
         metrics.merge_stats([{"fill": 1.0}])
 
 
+def test_concurrent_ranks_count_their_seconds_once() -> None:
+    """Two ranks that ran side by side for 2 s each took 2 wall seconds, not 4: queries/s is the
+    grid's rate; a resumed segment run by one process adds its own seconds."""
+    rank = {"forwards": 2, "fill_sum": 1.5, "rows": 150, "seconds": 2.0, "ranks": 2}
+    assert metrics.merge_stats([rank, rank]) == STATS
+    s = summarize(RECORDS, [1000], stats=[rank, rank])
+    assert s["queries_per_second"] == pytest.approx(1513 / 2.0)
+    later = {"forwards": 1, "fill_sum": 1.0, "rows": 10, "seconds": 0.5}
+    assert metrics.merge_stats([rank, rank, later])["seconds"] == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="ranks"):
+        metrics.merge_stats([{**rank, "ranks": 0}])
+
+
 def test_metrics_documents_every_summary_key() -> None:
     with_stats = summarize(RECORDS, [1000], stats=STATS)
     assert set(with_stats) == set(metrics.METRICS)
