@@ -136,18 +136,21 @@ def run_share(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor,
     fw = forward_settings(args)
     cells = cells_for(args, model, nus)
     probe = PlainProbe(model, x, args.batch, fw, args.probe_every)
-    for _ in range(3):  # warm-up (and compilation) outside the timings
-        probe.time_one()
-    probe.times.clear()
-    probe.spent = 0.0
-    engine = Engine(args.batch, progress=probe, **fw)
-    if start is not None:
-        start.wait()
-    t0 = time.monotonic()  # system-wide: comparable across processes
-    run = engine.run(cells, x, y, ids=ids.to(args.device))
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    t1 = time.monotonic()
+    # the probe keeps its forward entered for the whole grid: leaving it after each timing
+    # would restore the shared model's memory format under the engine (--channels-last)
+    with probe.fwd:
+        for _ in range(3):  # warm-up (and compilation) outside the timings
+            probe.time_one()
+        probe.times.clear()
+        probe.spent = 0.0
+        engine = Engine(args.batch, progress=probe, **fw)
+        if start is not None:
+            start.wait()
+        t0 = time.monotonic()  # system-wide: comparable across processes
+        run = engine.run(cells, x, y, ids=ids.to(args.device))
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.monotonic()
     cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731 (arrays pickle by value)
     return {
         "names": [c.name for c in cells],
@@ -194,11 +197,12 @@ def plain_time(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor
     """The plain forward time per image at full batch in this process (every thread), outside any
     grid: the one-process reference a multi-process layout is held to."""
     probe = PlainProbe(model, x, args.batch, forward_settings(args), 1)
-    for _ in range(3):
-        probe.time_one()
-    probe.times.clear()
-    for _ in range(20):
-        probe.time_one()
+    with probe.fwd:
+        for _ in range(3):
+            probe.time_one()
+        probe.times.clear()
+        for _ in range(20):
+            probe.time_one()
     return probe.per_image
 
 

@@ -139,6 +139,28 @@ def test_precision_bf16_runs_and_stays_close(data):
         RowForward(net, [d], precision="fp8")
 
 
+def test_channels_last_forwards_over_one_model_restore_its_format_when_the_last_leaves():
+    """A second forward over the same model (a benchmark's plain probe, say) entered and left
+    inside the first must not switch the model back to NCHW under the first."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.rand(2, 1, 8, 8)
+    net(x)  # materialize the lazy layer
+
+    def is_cl() -> bool:
+        return net[1].weight.is_contiguous(memory_format=torch.channels_last)
+
+    assert not is_cl()
+    plan, keys = torch.zeros(2, dtype=torch.long), row_keys(0, torch.arange(2))
+    outer = RowForward(net, [None], channels_last=True)
+    inner = RowForward(net, [None], channels_last=True)
+    with outer:
+        assert is_cl()
+        with torch.no_grad():
+            inner(x, plan, keys)  # enters and leaves inside ``outer``
+        assert is_cl()
+    assert not is_cl()
+
+
 def test_keyed_rng_is_a_function_of_the_key_alone():
     ids = torch.arange(50)
     r = KeyedRNG(row_keys(3, ids))

@@ -22,6 +22,7 @@ A defense takes part by implementing any of (see :class:`rfd.defenses.base.Defen
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,9 @@ from torch import Tensor, nn
 from rfd.rng import KeyedRNG, stream_id
 
 PRECISIONS = ("32", "tf32", "bf16")
+# entered channels-last forwards per model: the model's memory format is restored only when the
+# last of them leaves (one leaving early would switch it back under the others)
+_CHANNELS_LAST: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 DISTRIBUTIONS = ("gaussian", "laplace")
 
 
@@ -140,7 +144,10 @@ class RowForward:
                     mod.register_forward_hook(partial(self._hook, layer), prepend=True)
                 )
             if self.channels_last:
-                self.base.to(memory_format=torch.channels_last)
+                users = _CHANNELS_LAST.get(self.base, 0)
+                if users == 0:
+                    self.base.to(memory_format=torch.channels_last)
+                _CHANNELS_LAST[self.base] = users + 1
             self._model = torch.compile(self.base) if self.compile else self.base
         self._entered += 1
         return self
@@ -152,7 +159,11 @@ class RowForward:
                 h.remove()
             self._handles.clear()
             if self.channels_last:
-                self.base.to(memory_format=torch.contiguous_format)
+                users = _CHANNELS_LAST.pop(self.base) - 1
+                if users:
+                    _CHANNELS_LAST[self.base] = users
+                else:
+                    self.base.to(memory_format=torch.contiguous_format)
             self._model = self.base
 
     def rows_of(self, p: int) -> Tensor | None:
