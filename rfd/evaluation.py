@@ -63,19 +63,25 @@ def read_cell(records_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, A
 
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """No hardware banner and no tips: the grid prints one table, not thirty lines per cell."""
-    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = log.level
-    log.setLevel(logging.WARNING)
+    """No hardware banner and no tips: the grid prints one table, not thirty lines per cell (nor
+    a line per rank when DDP starts)."""
+    logs = [logging.getLogger(name) for name in
+            ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.distributed")]  # fmt: skip
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            # logged values are IndexedMean results, which sync across ranks themselves
+            # logged values are IndexedMean results, which sync across ranks themselves, and
+            # records are de-duplicated by dataset index (the sampler's padding counts once)
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+            warnings.filterwarnings("ignore", message=".*Using `DistributedSampler`.*")
             yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def clean_passes(

@@ -432,6 +432,7 @@ def _run_grids(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every model's grid in the claimed ``run_dir``, then the reports; one summary per cell."""
     import lightning as L
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from rfd import report
     from rfd.evaluation import GridEvaluation, quiet_lightning, read_cell
@@ -465,8 +466,9 @@ def _run_grids(
         module = GridEvaluation(lr.model, grid, s.batch_size, s.n_clean_passes, forward, bar,
                                 bpda=s.bpda)  # fmt: skip
         loader = lr.datamodule.eval_dataloader(s.n_images, seed=s.seed, batch_size=s.n_images)
-        print(f"[{display}] {len(s.defense)} defenses × {len(s.attack)} attacks, {s.n_images} "
-              f"images, {budget} queries, batch {s.batch_size}")  # fmt: skip
+        if rank_zero_only.rank == 0:  # DDP children run this script too: one header
+            print(f"[{display}] {len(s.defense)} defenses × {len(s.attack)} attacks, "
+                  f"{s.n_images} images, {budget} queries, batch {s.batch_size}")  # fmt: skip
         with quiet_lightning():
             trainer = L.Trainer(
                 accelerator=s.accelerator, devices=s.devices, inference_mode=False, logger=False,
