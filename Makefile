@@ -35,8 +35,9 @@ demo: data ## set-up + the main job on the embedded default (CPU)
 test: data ## set-up + the test suite
 	$(PY) -m pytest -q
 
-bench: data ## attack-efficiency benchmark (prints ratios measured in one run)
-	$(PY) benchmarks/bench_attacks.py
+bench: data ## attack-efficiency benchmark: one process, then one per core (ratios measured in each run)
+	$(PY) benchmarks/bench_attacks.py --procs 1
+	$(PY) benchmarks/bench_attacks.py --procs auto
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
