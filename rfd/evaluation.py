@@ -179,6 +179,12 @@ class GridEvaluation(L.LightningModule):
             for ci, c in enumerate(self.cells)
             if i not in c.done
         ]
+        # ranks that attack side by side: their engine seconds overlap in wall time (a resumed
+        # run may leave some ranks without work, and those add no time)
+        working = torch.tensor([int(bool(jobs))], device=x.device)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(working)
         if jobs:
             cells = [
                 Cell(
@@ -198,7 +204,7 @@ class GridEvaluation(L.LightningModule):
                 self.batch_size, progress=self.progress if self.global_rank == 0 else None,
                 bpda=self.bpda, **self.forward_kw,
             )  # fmt: skip
-            writer = _Writer(self, cells, clean, defended, which, y, ids)
+            writer = _Writer(self, cells, clean, defended, which, y, ids, int(working.item()))
             try:
                 run = engine.run(cells, x, y, ids=ids, jobs=torch.tensor(jobs, device=x.device),
                                  on_done=writer.done, keep_adv=writer.detecting)  # fmt: skip
@@ -227,15 +233,14 @@ class _Writer:
     """Turns finished jobs into records, buffered and appended (fsynced) every few seconds."""
 
     def __init__(self, ev: GridEvaluation, cells: list[Cell], clean: Tensor, defended: Tensor,
-                 which: list[int], y: Tensor, ids: Tensor) -> None:  # fmt: skip
+                 which: list[int], y: Tensor, ids: Tensor, ranks: int = 1) -> None:  # fmt: skip
         self.ev, self.cells = ev, cells
         self.clean, self.defended, self.which = clean.tolist(), defended.tolist(), which
         self.y, self.ids = y.tolist(), ids.tolist()
         self.pending: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cells}
         self.last = time.perf_counter()
         self.sent: list[dict[str, float]] = [{} for _ in cells]
-        dist = torch.distributed
-        self.ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.ranks = ranks  # ranks attacking concurrently (see merge_stats)
         self.run: EngineRun | None = None
         # defenses with a detector (MagNet) judge each fooled job's adversarial example, so the
         # engine keeps the adversarial examples

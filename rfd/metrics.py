@@ -21,9 +21,10 @@ images the attack did not fool).
 :func:`merge_stats`): ``forwards`` (forwards the cell took part in), ``fill_sum`` (sum over those
 forwards of rows used ÷ batch size), ``rows`` (forward rows the cell used), ``seconds`` (wall
 seconds attributed to the cell by its share of each forward's cost: rows × the defense's
-``forwards_per_query``), and optionally ``ranks`` (how many processes ran concurrently when the
-statistics were taken, default 1: their seconds overlap in wall time, so each rank's count as
-``seconds / ranks`` when summed, and a cell's queries/s is the grid's, not one process's).
+``forwards_per_query``), and optionally ``ranks`` (how many processes attacked side by side when
+the statistics were taken, default 1: their seconds overlap in wall time, so each rank's count as
+``seconds / ranks`` when summed, which is the mean over those ranks, the wall time when they
+share the work evenly, and a cell's queries/s is the grid's, not one process's).
 
 :func:`summarize` turns records (plain dicts, e.g. read back from JSONL, or
 :func:`records_from_tensors` of an attack's per-image tensors) and optional statistics into the

@@ -368,11 +368,18 @@ def test_ddp_resume_where_one_rank_has_no_work_left(model_args, tmp_path: Path) 
     run_dir = tmp_path / "run"
     _finish(_ddp(model_args, run_dir, 2))
     reference = results(run_dir)
+    cell = run_dir / "cells" / "tiny__feature__square"
+    # both ranks attacked side by side: their seconds overlap (queries/s is the grid's)
+    before = [json.loads(line) for line in (cell / "stats.rank0.jsonl").read_text().splitlines()]
+    assert before and all(r["ranks"] == 2 for r in before)
     # rank 0 lost one cell's records (as if killed before its flush); rank 1 has nothing to do
-    (run_dir / "cells" / "tiny__feature__square" / "records.rank0.jsonl").unlink()
+    (cell / "records.rank0.jsonl").unlink()
     (run_dir / "results.json").unlink()
     _finish(_ddp(model_args, run_dir, 2))
     assert results(run_dir) == reference
+    after = [json.loads(line) for line in (cell / "stats.rank0.jsonl").read_text().splitlines()]
+    assert len(after) > len(before)
+    assert all("ranks" not in r for r in after[len(before) :])  # rank 0 worked alone
 
 
 @pytest.mark.slow
