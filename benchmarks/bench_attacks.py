@@ -175,21 +175,36 @@ def _worker(rank: int, procs: int, threads: int, args: argparse.Namespace,
 
 
 def run_procs(args: argparse.Namespace, procs: int, nus: dict[str, float]) -> list[dict[str, Any]]:
-    """The grid in ``procs`` spawned processes, the cores split evenly between them."""
+    """The grid in ``procs`` spawned processes, the cores split evenly between them. A process
+    that dies ends the benchmark (the others are stopped) instead of leaving it waiting."""
+    import queue
+
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # a forked OpenMP runtime can hang; spawn starts clean
     threads = max(1, torch.get_num_threads() // procs)
-    start, out = ctx.Barrier(procs), ctx.SimpleQueue()
+    start, out = ctx.Barrier(procs), ctx.Queue()
     ps = [ctx.Process(target=_worker, args=(r, procs, threads, args, nus, start, out))
           for r in range(procs)]  # fmt: skip
     for p in ps:
         p.start()
-    shares = dict(out.get() for _ in ps)
-    for p in ps:
-        p.join()
-        if p.exitcode:
-            raise SystemExit(f"benchmark process failed with exit code {p.exitcode}")
+    shares: dict[int, dict[str, Any]] = {}
+    try:
+        while len(shares) < procs:
+            try:
+                rank, share = out.get(timeout=1.0)
+                shares[rank] = share
+            except queue.Empty:
+                dead = [p.exitcode for p in ps if p.exitcode not in (None, 0)]
+                if dead:
+                    raise SystemExit(
+                        f"a benchmark process failed with exit code {dead[0]}"
+                    ) from None
+    finally:
+        for p in ps:
+            if len(shares) < procs:
+                p.terminate()  # a failed run: the others may wait at the start barrier forever
+            p.join()
     return [shares[r] for r in range(procs)]
 
 

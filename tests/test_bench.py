@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -49,3 +50,18 @@ def test_procs_must_be_a_positive_integer_or_auto() -> None:
     out = subprocess.run([sys.executable, str(BENCH), "--procs", "0"], capture_output=True,
                          text=True, timeout=120, cwd=REPO_ROOT)  # fmt: skip
     assert out.returncode == 2 and "--procs takes a positive integer or auto" in out.stderr
+
+
+def test_a_dying_process_ends_the_benchmark_instead_of_hanging(monkeypatch) -> None:
+    """A worker that fails before the start barrier must not leave the others (and the parent)
+    waiting there for ever."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import bench_attacks
+
+    broken = argparse.Namespace()  # no settings: each worker fails while loading
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit, match="failed with exit code 1"):
+        bench_attacks.run_procs(broken, 2, {})
+    assert time.monotonic() - t0 < 120
