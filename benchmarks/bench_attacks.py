@@ -46,6 +46,7 @@ import torch
 import rfd
 from rfd.attacks import Cell, Engine, make_attack
 from rfd.defenses import calibrate, protect
+from rfd.metrics import merge_stats
 from rfd.settings import keep_freed_memory
 
 DEFAULT_CKPT = Path("runs/fmnist_default/best.ckpt")
@@ -303,11 +304,11 @@ def report(args: argparse.Namespace, shares: list[dict[str, Any]], single: float
     for ci, name in enumerate(names):
         sel = cell == ci
         robust = float((clean[sel] & ~success[sel]).float().mean())
-        st = [s["stats"][ci] for s in shares]
-        fw, fill = sum(t["forwards"] for t in st), sum(t["fill_sum"] for t in st)
-        seconds = sum(t["seconds"] for t in st) / procs  # side by side: wall, not process time
+        # the processes ran side by side: their seconds count once, as evaluate.py's ranks do
+        st = merge_stats([{**s["stats"][ci], "ranks": procs} for s in shares])
+        fw, seconds = st["forwards"], st["seconds"]
         qps = float(used[sel].sum()) / seconds if seconds else float("nan")
-        print(f"{name:22s} {robust:7.3f} {fill / fw:6.3f} {fw:9d} {qps:9.0f}")
+        print(f"{name:22s} {robust:7.3f} {st['fill_sum'] / fw:6.3f} {fw:9d} {qps:9.0f}")
     n_probes = sum(len(s["probe_times"]) for s in shares)
     if procs > 1:  # a process that ends early leaves its core idle for the rest of the grid
         ends = ", ".join(f"{s['t1'] - t0 - s['probe_spent']:.1f}" for s in shares)
