@@ -36,6 +36,8 @@ _M1 = _signed(0xBF58476D1CE4E5B9)
 _M2 = _signed(0x94D049BB133111EB)
 _TWO_PI = 2.0 * math.pi
 _U24 = 2.0**-24
+_U24_ONE = 1 << 24
+_TWO_PI_U24 = _TWO_PI * _U24  # float32(2pi * 2^-24) == float32(2pi) * 2^-24 exactly
 
 
 def _shr(x: Tensor, s: int, bits: int = 64) -> Tensor:
@@ -196,19 +198,18 @@ class KeyedRNG:
         n = math.prod(s)
         h = (n + 1) // 2
         b = self._words(h)
-        r = _unit(_shr(b, 40), torch.float32)
-        r *= -1.0
-        r += 1.0  # 1 - u in (0, 1]: the log stays finite
+        # 1 - u = (2^24 - t) * 2^-24 for the 24-bit integer t: exact, in (0, 1], the log finite
+        r = _unit(_U24_ONE - _shr(b, 40), torch.float32)
         r.log_()
         r *= -2.0
         r.sqrt_()
-        theta = _unit(_shr(b, 16, 24), torch.float32)
-        theta *= _TWO_PI
-        z = torch.empty((len(self), 2 * h), dtype=torch.float32, device=b.device)
-        torch.cos(theta, out=z[:, :h])
-        torch.sin(theta, out=z[:, h:])
-        z[:, :h] *= r
-        z[:, h:] *= r
+        # t * (2pi * 2^-24) rounds exactly as (t * 2^-24) * 2pi: scaling by 2^-24 is exact
+        theta = _shr(b, 16, 24) * _TWO_PI_U24
+        z = torch.empty((len(self), 2, h), dtype=torch.float32, device=b.device)
+        torch.cos(theta, out=z[:, 0])
+        torch.sin(theta, out=z[:, 1])
+        z *= r.unsqueeze(1)
+        z = z.view(len(self), 2 * h)
         z = z[:, :n] if n < 2 * h else z
         return z.to(dtype).reshape(len(self), *s)
 

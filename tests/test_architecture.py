@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "rfd.dct": 0,
     "rfd.paper": 0,
     "rfd.checks": 0,
+    "rfd.tensors": 0,
     "rfd.gradients": 1,
     "rfd.classifier": 1,
     "rfd.defenses": 2,

@@ -179,6 +179,22 @@ def test_keyed_rng_is_a_function_of_the_key_alone():
     assert torch.equal(r.keys, keys)
 
 
+def test_keyed_rng_streams_are_pinned():
+    """The draws are part of every stored result (a resumed folder appends to records made
+    with them): a faster formula must give the same float32 bits, pinned here."""
+    r = KeyedRNG(row_keys(7, torch.tensor([0, 5, 123])))
+    assert r.normal(5).view(torch.int32).tolist() == [
+        [1070082833, 1066949831, 1065672266, 1055799007, -1074027097],
+        [1042143135, -1079976737, -1076846275, 1070013191, -1078170435],
+        [1064912789, -1111959412, 1053398048, 1053967983, -1085823167],
+    ]
+    assert r.stream("u").uniform(3).view(torch.int32).tolist() == [
+        [1064760410, 1055860136, 1057837305],
+        [1033932824, 1060183773, 1056990007],
+        [1050830532, 1060173531, 1043659580],
+    ]
+
+
 def test_keyed_rng_moments():
     r = KeyedRNG(row_keys(0, torch.arange(400)))
     n = 400 * 1000
@@ -215,3 +231,26 @@ def test_eot_majority_ties_go_to_the_higher_mean_logit_not_the_lower_class(kind)
     # two votes for 0 beat one for 2, whose logit makes the mean favour 2
     _, lab = EngineRun._reduce(None, lane, torch.tensor([[[1.0, 0, 0], [1.0, 0, 0], [0, 0, 9.0]]]))
     assert lab.tolist() == [0]
+
+
+class _NaNAfterClean(nn.Module):
+    """Finite logits for the images themselves, NaN for any other input."""
+
+    def __init__(self, net: nn.Module, images: torch.Tensor) -> None:
+        super().__init__()
+        self.net, self.images = net, images
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        known = (x.flatten(1).unsqueeze(1) == self.images.flatten(1).unsqueeze(0)).all(-1).any(1)
+        return torch.where(known.unsqueeze(1), z, torch.full_like(z, float("nan")))
+
+
+def test_nan_logits_of_a_step_stop_the_run_instead_of_counting_as_fooled(data):
+    """NaN logits would read as misclassified (argmax of NaN is no class): every forward is
+    checked, not only the clean one."""
+    net, x, y = data
+    model = _NaNAfterClean(net, x[:4]).eval()
+    cell = Cell(model, make_attack("square"), 0.1, 50, "vote", 1, 0)
+    with pytest.raises(ValueError, match="NaN or inf logits"):
+        Engine(16).run([cell], x[:4], y[:4])

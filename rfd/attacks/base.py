@@ -22,6 +22,7 @@ from torch import Tensor
 
 from rfd.metrics import records_from_tensors, summarize
 from rfd.rng import KeyedRNG
+from rfd.tensors import take
 
 NORMS = ("linf", "l2")
 CRITERIA = ("vote", "single", "none")
@@ -104,7 +105,7 @@ class Rows:
     def __getitem__(self, key: str) -> Tensor:
         if key not in self._got:
             t = self.state[key]
-            self._got[key] = t if self.idx is None else t[self.idx]
+            self._got[key] = t if self.idx is None else take(t, self.idx)
         return self._got[key]
 
 
@@ -181,11 +182,11 @@ class View:
     def subset(self, idx: Tensor) -> View:
         """The view of images ``idx`` only (same step, same streams)."""
         v = View(
-            lambda: self.x0[idx], self.eps, self.norm, self.budget, self.remaining[idx],
+            lambda: take(self.x0, idx), self.eps, self.norm, self.budget, self.remaining[idx],
             self.step[idx], lambda: self.rng[idx], self.eot,
         )  # fmt: skip
         if self._box is not None:
-            v._box = lambda: tuple(t[idx] for t in self._linf_box())
+            v._box = lambda: tuple(take(t, idx) for t in self._linf_box())
         return v
 
     @property
@@ -274,9 +275,9 @@ class Reply:
         return self._loss
 
     def rows(self, idx: Tensor) -> Reply:
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        pick = lambda t: None if t is None else take(t, idx)  # noqa: E731
         return Reply(
-            self.adversarial[idx], self.x[idx], pick(self._margin), pick(self._logits),
+            take(self.adversarial, idx), take(self.x, idx), pick(self._margin), pick(self._logits),
             pick(self._grad), pick(self._loss),
         )  # fmt: skip
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from rfd.rng import KeyedRNG, stream_id
+from rfd.tensors import put, take
 
 PRECISIONS = ("32", "tf32", "bf16")
 # entered channels-last forwards per model: the model's memory format is restored only when the
@@ -191,8 +192,8 @@ class RowForward:
                     if idx is None:
                         x = self._input(p, x, KeyedRNG(keys).stream("input"), bpda)
                     elif idx.numel():
-                        rng = KeyedRNG(keys[idx]).stream("input")
-                        x[idx] = self._input(p, x[idx], rng, bpda)
+                        rng = KeyedRNG(take(keys, idx)).stream("input")
+                        put(x, idx, self._input(p, take(x, idx), rng, bpda))
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with precision_context(self.precision, x.device):
@@ -249,7 +250,7 @@ class RowForward:
         shape = out.shape[1:]
         for p, spec in self.layers[layer]:
             idx = self.rows_of(p)
-            k = keys if idx is None else keys[idx]
+            k = keys if idx is None else take(keys, idx)
             if idx is not None and idx.numel() == 0:
                 continue
             z = unit_noise(KeyedRNG(k).stream(*stream), shape, spec.dist, out.dtype)
