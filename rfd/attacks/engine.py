@@ -407,7 +407,7 @@ class EngineRun:
     # ------------------------------------------------------------------------------ helpers
     def _remaining(self, lane: _Lane, g: Tensor) -> Tensor:
         """Queries jobs ``g`` may still send (EOT samples divided out)."""
-        return (lane.budget - self.used[g]) // lane.eot
+        return (lane.budget - take(self.used, g)) // lane.eot
 
     @staticmethod
     def _probe(lane: _Lane, ex: _Executor) -> int:
@@ -417,17 +417,17 @@ class EngineRun:
 
     def _view(self, lane: _Lane, g: Tensor, init: bool = False) -> View:
         rem = self._remaining(lane, g)
-        step = self.steps[g]
+        step = take(self.steps, g)
 
         def rng() -> KeyedRNG:  # keyed by (attack seed, image, the image's own step)
-            return KeyedRNG(offset_rows(self.akey[g], 0 if init else step + 1))
+            return KeyedRNG(offset_rows(take(self.akey, g), 0 if init else step + 1))
 
         def x0() -> Tensor:
-            return take(self.images, self.image[g])
+            return take(self.images, take(self.image, g))
 
         view = View(x0, lane.eps, lane.attack.norm, lane.budget, rem, step, rng, lane.eot)
         if lane.attack.norm == "linf":
-            view._box = lambda: tuple(take(t, self.image[g]) for t in self._box(lane.eps))
+            view._box = lambda: tuple(take(t, take(self.image, g)) for t in self._box(lane.eps))
         return view
 
     def _box(self, eps: float) -> tuple[Tensor, Tensor]:
@@ -441,13 +441,13 @@ class EngineRun:
     def _noise_keys(self, gi: Tensor, query: Tensor | int, sub: Tensor | int) -> Tensor:
         """The defense-noise key of each row: (job's key, query number, EOT/vote/probe sample).
         Query 0 is the clean query; a query's number is fixed by the job's own history."""
-        return offset_rows(self.dkey[gi], query, sub)
+        return offset_rows(take(self.dkey, gi), query, sub)
 
     def _by_lane(self, g: Tensor) -> list[tuple[_Lane, Tensor]]:
         """Split jobs ``g`` by lane, keeping their order within each lane."""
         if len(self.lanes) == 1:
             return [(self.lanes[0], g)]
-        li = self.job_lane[g]
+        li = take(self.job_lane, g)
         counts = torch.bincount(li, minlength=len(self.lanes)).tolist()
         present = [k for k, n in enumerate(counts) if n]
         if len(present) == 1:  # the common case: selection is lane-major
@@ -471,7 +471,7 @@ class EngineRun:
 
     def _chunk(self, kind: str, lane: _Lane, g: Tensor, x: Tensor, gi: Tensor, keys: Tensor,
                extra: dict[str, Any]) -> _Chunk:  # fmt: skip
-        return _Chunk(kind, lane, g, x, self.job_plan[gi], keys, self.cell[gi], extra)
+        return _Chunk(kind, lane, g, x, take(self.job_plan, gi), keys, take(self.cell, gi), extra)
 
     def _executor(self, g: Tensor, grad: bool = False) -> _Executor:
         if len(self.executors) == 1:
@@ -551,7 +551,7 @@ class EngineRun:
     def _clean_chunk(self, lane: _Lane, g: Tensor) -> _Chunk:
         probe = self._probe(lane, self._executor(g))
         per = lane.eot + probe
-        x = take(self.images, self.image[g]).repeat_interleave(per, 0)
+        x = take(self.images, take(self.image, g)).repeat_interleave(per, 0)
         subs = torch.arange(per, device=self.device)
         if probe:
             subs[-1] = _PROBE_SUB
@@ -578,7 +578,7 @@ class EngineRun:
                     f"attack {lane.attack.name!r} planned {n.tolist()} queries with "
                     f"{view.remaining.tolist()} left"
                 )
-        state = lane.read(self.slot[g])  # observe gets this very dict, with propose's scratch
+        state = lane.read(take(self.slot, g))  # observe gets this very dict, with propose's scratch
         q = lane.attack.propose(view, state)
         if q.dim() == view.x0.dim():
             q = q.unsqueeze(1)
@@ -597,9 +597,11 @@ class EngineRun:
         # each query's number (the image's queries so far) and EOT sample key its noise, so a
         # query gets the same noise whatever it is packed with
         if r == 1:
-            valid, flat, gi, qnum = None, q[:, 0], g, self.used[g] // m + 1
+            valid, flat, gi, qnum = None, q[:, 0], g, take(self.used, g) // m + 1
         else:
-            qnum = (self.used[g] // m).unsqueeze(1) + torch.arange(1, r + 1, device=self.device)
+            qnum = (take(self.used, g) // m).unsqueeze(1) + torch.arange(
+                1, r + 1, device=self.device
+            )
             valid = torch.arange(r, device=self.device).unsqueeze(0) < n.unsqueeze(1)
             flat, gi, qnum = q[valid], g.unsqueeze(1).expand(-1, r)[valid], qnum[valid]
         if m > 1:
@@ -614,14 +616,14 @@ class EngineRun:
         ch = self._chunk("step", lane, g, flat, gi, keys, extra)
         if lane.grad:
             ch.grad = True
-            ch.extra["labels"] = self.job_label[gi]
+            ch.extra["labels"] = take(self.job_label, gi)
         return ch
 
     # ------------------------------------------------------------------------------ processing
     def _process(self, ch: _Chunk) -> None:
         lane, g, out = ch.lane, ch.jobs, ch.out
         assert out is not None
-        y = self.job_label[g]
+        y = take(self.job_label, g)
         if ch.kind == "clean":  # the first answer: enough classes for the labels
             check_logits(out, y)
         if ch.kind == "step":
@@ -656,7 +658,7 @@ class EngineRun:
         if probe or (m > 1 and self._executor(g).opaque):
             a, b = raw[:, 0], raw[:, 1]  # two forwards of the same image: do they differ?
             if bool((a - b).abs().amax() > 1e-5 * (1.0 + float(a.abs().amax()))):
-                for ci in set(self.cell[g].tolist()):
+                for ci in set(take(self.cell, g).tolist()):
                     self._mark_randomized(ci)
         _, lab = self._reduce(lane, raw[:, :m])
         wrong = lab != y
@@ -689,7 +691,7 @@ class EngineRun:
             labf[valid] = lab
         adversarial = labf != y.unsqueeze(1)
         fooled = adversarial if inside is None else adversarial & inside
-        used_before = self.used[g]
+        used_before = take(self.used, g)
         self.used.index_add_(0, g, torch.full_like(g, m) if n is None else n * m)
         self.steps.index_add_(0, g, torch.ones_like(g))
         if lane.kind == "decision":
@@ -718,7 +720,7 @@ class EngineRun:
         # vote would observe exactly these answers if the vote failed, and one observation of
         # the whole chunk avoids gathering its state, view and answers into two subsets
         state = lane.attack.observe(view, ch.extra["state"], reply)
-        lane.write(self.slot[g], state)
+        lane.write(take(self.slot, g), state)
         if not bool(hit.any()):
             self._end_or_continue(lane, g, view, state)
             return
@@ -788,13 +790,13 @@ class EngineRun:
         if g.numel() == 0:
             return need
         clean = self.phase[g] == CLEAN
-        prio = torch.where(clean, -1.0, self.used[g] * self.job_inv_budget[g])
+        prio = torch.where(clean, -1.0, take(self.used, g) * take(self.job_inv_budget, g))
         if len(self.lanes) > 1:
             # lane-major: the lane holding the least-spent job first, its jobs least-spent
             # first, then the next lane. A forward then carries one or two lanes' chunks, not
             # every lane's: each chunk's proposals and observations run as one batch of tensor
             # ops, so fewer, larger chunks cost less per row. Lanes stay level across forwards.
-            job_lane = self.job_lane[g]
+            job_lane = take(self.job_lane, g)
             low = torch.full((len(self.lanes),), 2.0, dtype=prio.dtype, device=prio.device)
             low.scatter_reduce_(0, job_lane, prio, "amin")
             rank = torch.empty(len(self.lanes), dtype=prio.dtype, device=prio.device)
@@ -818,9 +820,9 @@ class EngineRun:
             start += count
             if n_clean:
                 per = lane.eot + self._probe(lane, ex)
-                take = min(n_clean, -(-short // per))
-                self._enqueue(self._clean_chunk(lane, jobs[:take]))
-                short -= take * per
+                pick = min(n_clean, -(-short // per))
+                self._enqueue(self._clean_chunk(lane, jobs[:pick]))
+                short -= pick * per
                 if short <= 0:
                     break
             steps = jobs[n_clean:]
@@ -828,15 +830,15 @@ class EngineRun:
                 continue
             if lane.single:  # one query (eot forwards) per step
                 n = None
-                take = min(steps.shape[0], -(-short // lane.eot))
-                short -= take * lane.eot
+                pick = min(steps.shape[0], -(-short // lane.eot))
+                short -= pick * lane.eot
             else:  # the attack says how many queries each image sends next
                 n = lane.attack.queries(self._remaining(lane, steps))
                 cum = torch.cumsum(n * lane.eot, 0)
-                take = min(int(torch.searchsorted(cum, short)) + 1, steps.shape[0])
-                short -= int(cum[take - 1])
-                n = n[:take]
-            self._enqueue(self._step_chunk(lane, steps[:take], n))
+                pick = min(int(torch.searchsorted(cum, short)) + 1, steps.shape[0])
+                short -= int(cum[pick - 1])
+                n = n[:pick]
+            self._enqueue(self._step_chunk(lane, steps[:pick], n))
         return max(short, 0)
 
     def _forward(self, ex: _Executor) -> Tensor | None:
