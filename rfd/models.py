@@ -210,12 +210,29 @@ def checkpoint_hparams(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return dict(obj.get("hyper_parameters", {})) if isinstance(obj, dict) else {}
 
 
-def file_hash(path: str | os.PathLike, n_bytes: int = 1 << 24) -> str:
-    """A short content hash of a file (first 16 MiB + size): cache key for calibrations."""
+LEGACY_HASH_BYTES = 1 << 24  # the prefix file_hash read before it read whole files
+
+
+def file_hash(path: str | os.PathLike, n_bytes: int | None = None) -> str:
+    """A short content hash of a file (its size and every byte): a checkpoint's identity in
+    calibration caches and run specs.
+
+    It used to read only the first 16 MiB: a large checkpoint whose later bytes changed (a head
+    retrained in place sits at the end of the file) kept its hash, and a resumed run would have
+    mixed records of two models. ``n_bytes`` reads only a prefix: that older rule, to recognise
+    what it wrote. Files up to 16 MiB hash as they always did.
+    """
     p = Path(path)
     h = hashlib.sha256(str(p.stat().st_size).encode())
+    left = n_bytes
     with p.open("rb") as f:
-        h.update(f.read(n_bytes))
+        while left is None or left > 0:
+            block = f.read(LEGACY_HASH_BYTES if left is None else min(left, LEGACY_HASH_BYTES))
+            if not block:
+                break
+            h.update(block)
+            if left is not None:
+                left -= len(block)
     return h.hexdigest()[:16]
 
 

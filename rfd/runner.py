@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rfd.models import file_hash
+from rfd.models import LEGACY_HASH_BYTES, file_hash
 from rfd.runs import LoadedRun, load_run
 from rfd.settings import (
     EvalSettings,
@@ -261,6 +261,20 @@ def run_spec(s: EvalSettings, runs: list[LoadedRun], attacks: dict[str, Any]) ->
     return spec
 
 
+def prefix_hashed_models(spec: dict[str, Any], runs: list[LoadedRun]) -> list[Any] | None:
+    """``spec``'s models as a folder recorded them when checkpoints were hashed by their first
+    16 MiB (:func:`rfd.models.file_hash`), or None when no checkpoint is larger (the hashes are
+    then the same)."""
+    big = [lr.checkpoint is not None and Path(lr.checkpoint).stat().st_size > LEGACY_HASH_BYTES
+           for lr in runs]  # fmt: skip
+    if not any(big):
+        return None
+    return [
+        {**m, "checkpoint_hash": file_hash(lr.checkpoint, LEGACY_HASH_BYTES)} if b else m
+        for m, lr, b in zip(spec["models"], runs, big, strict=True)
+    ]
+
+
 def _as_json(spec: dict[str, Any]) -> Any:
     return json.loads(json.dumps(spec, default=str))
 
@@ -287,8 +301,9 @@ def _read_spec(run_dir: Path, overwrite: bool) -> dict[str, Any] | None:
 
 
 def _claim_run_dir(
-    run_dir: Path, spec: dict[str, Any], overwrite: bool, legacy: dict[str, Any] | None = None
-) -> None:
+    run_dir: Path, spec: dict[str, Any], overwrite: bool, legacy: dict[str, Any] | None = None,
+    prefix_models: list[Any] | None = None,
+) -> None:  # fmt: skip
     """Take ``run_dir`` for ``spec``: resume when its spec.json says the same, else refuse (or,
     with ``overwrite``, remove the old cells and reports); then write the spec.
 
@@ -297,6 +312,9 @@ def _claim_run_dir(
             :func:`rfd.settings.spec_of`). A folder written then recorded no checkpoint hash or
             resolved parameters, so it is compared on what it recorded, and resumes when that
             agrees (its spec is then rewritten in full, and checked in full from then on).
+        prefix_models: the models as recorded when checkpoints were hashed by their first 16 MiB
+            (:func:`prefix_hashed_models`): a folder that recorded those resumes as it did then,
+            and its spec is rewritten with the whole-file hashes.
     """
     spec_file = run_dir / "spec.json"
     old = _read_spec(run_dir, overwrite)
@@ -311,6 +329,8 @@ def _claim_run_dir(
             # its records used: it resumes as it did then
             if "forward_precision" not in old and "forward_precision" in new:
                 old["forward_precision"] = new["forward_precision"]
+            if prefix_models is not None and old.get("models") == _as_json(prefix_models):
+                old["models"] = new["models"]
         if old != new:
             if not overwrite:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -418,7 +438,8 @@ def run(s: EvalSettings) -> list[dict[str, Any]]:
     run_dir = Path(s.run_dir or Path("runs/eval") / f"{'+'.join(keys)}-{spec_hash(spec)}")
     check_writable(run_dir, "--run-dir")
     created = not run_dir.exists()
-    _claim_run_dir(run_dir, spec, s.overwrite, legacy=spec_of(s))
+    _claim_run_dir(run_dir, spec, s.overwrite, legacy=spec_of(s),
+                   prefix_models=prefix_hashed_models(spec, runs))  # fmt: skip
     try:
         return _run_grids(s, runs, keys, displays, attacks, run_dir, spec)
     except UsageError:  # e.g. a target drop no noise reaches: found once calibration ran

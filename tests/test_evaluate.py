@@ -572,6 +572,41 @@ def test_a_changed_checkpoint_or_attack_config_is_refused_on_resume(
     assert "holds results of other settings (differ in: models)" in err
 
 
+def test_a_checkpoint_changed_beyond_its_first_16_mib_is_refused_on_resume(
+    model_args, tmp_path: Path, capsys
+) -> None:
+    """The whole checkpoint is hashed: weights stored after 16 MiB of other tensors (a head
+    retrained in place sits at the end of a large file) change the hash. A folder written when
+    only the first 16 MiB were hashed resumes as it did then, and gets the whole-file hash."""
+    from rfd.models import LEGACY_HASH_BYTES, file_hash
+
+    state = torch.load(model_args[3], map_location="cpu", weights_only=True)
+    state = {"padding": torch.zeros(5 << 20), **state}  # 20 MiB written before the weights
+    ckpt = tmp_path / "big.ckpt"
+    torch.save(state, ckpt)
+    run_dir = tmp_path / "run"
+    args = [*model_args[:3], str(ckpt), "--defense", "none", "--attack", "square", "--n-images",
+            "10", "--queries", "20", "--run-dir", str(run_dir), "--wandb", "disabled"]  # fmt: skip
+    evaluate_main(args)
+    spec_file = run_dir / "spec.json"
+    spec = json.loads(spec_file.read_text())
+    assert spec["models"][0]["checkpoint_hash"] == file_hash(ckpt)
+
+    prefix = file_hash(ckpt, LEGACY_HASH_BYTES)
+    assert prefix != file_hash(ckpt)
+    spec["models"][0]["checkpoint_hash"] = prefix  # as the older rule recorded it
+    spec_file.write_text(json.dumps(spec))
+    evaluate_main(args)  # resumes
+    assert json.loads(spec_file.read_text())["models"][0]["checkpoint_hash"] == file_hash(ckpt)
+
+    weights = state["state_dict"]
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key] + 1e-3
+    torch.save(state, ckpt)
+    assert file_hash(ckpt, LEGACY_HASH_BYTES) == prefix  # the older rule could not tell
+    assert "holds results of other settings (differ in: models)" in _refusal(capsys, args)
+
+
 def test_a_spec_written_before_the_checkpoint_hash_resumes_when_its_settings_agree(
     model_args, tmp_path: Path, capsys
 ) -> None:
