@@ -237,14 +237,17 @@ def file_hash(path: str | os.PathLike, n_bytes: int | None = None) -> str:
 
 
 def model_hash(model: nn.Module) -> str:
-    """A content hash of a model's parameters and buffers: cache key when there is no file."""
+    """A content hash of a model's parameters and buffers: cache key when there is no file.
+
+    Every byte counts, as in :func:`file_hash`: hashing only the first 64 KiB of each tensor
+    would give two models that differ further into a large tensor one calibration.
+    """
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
+        h.update(str(v.dtype).encode())
         # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be byte-viewed
-        h.update(
-            v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()[: 1 << 16]
-        )
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
 
 

@@ -149,3 +149,16 @@ def test_checkpoint_round_trip_and_errors(tmp_path) -> None:
         load_weights(rfd.create_model("test_resnet", 5), path)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         rfd.create_model("test_resnet", 10, checkpoint=tmp_path / "missing.ckpt")
+
+
+def test_model_hash_sees_every_byte_of_every_tensor():
+    """The calibration cache key of a model without a file: a change at the end of a tensor
+    larger than 64 KiB (what the hash once read of each) gives another key."""
+    from rfd.models import model_hash
+
+    a, b = nn.Linear(200, 200), nn.Linear(200, 200)
+    b.load_state_dict(a.state_dict())
+    assert model_hash(a) == model_hash(b)
+    with torch.no_grad():
+        b.weight[-1, -1] += 1.0
+    assert model_hash(a) != model_hash(b)
