@@ -171,6 +171,16 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def part_path(checkpoint: str | os.PathLike) -> Path:
+    """Where a trained part's checkpoint is read from: the path as given, or, when a relative
+    path is missing from the working directory, the same path under the repository root (where
+    the defenses' default ``runs/<name>/best.ckpt`` live)."""
+    path = Path(checkpoint)
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path
+    return path
+
+
 def load_part(cls: type[Any], checkpoint: str | os.PathLike, train_hint: str | None = None) -> Any:
     """A trained defense part (a ``LightningModule`` that ``train.py`` fitted: the MagNet
     autoencoder, the Defense-GAN generator) from its checkpoint, in eval mode on the CPU.
@@ -188,9 +198,7 @@ def load_part(cls: type[Any], checkpoint: str | os.PathLike, train_hint: str | N
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a readable checkpoint of ``cls``.
     """
-    path = Path(checkpoint)
-    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path
+    path = part_path(checkpoint)
     if not path.is_file():
         hint = f"; train it with `{train_hint}`" if train_hint else ""
         raise FileNotFoundError(f"{cls.__name__} checkpoint not found: {path}{hint}")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rfd.models import LEGACY_HASH_BYTES, file_hash
+from rfd.models import LEGACY_HASH_BYTES, file_hash, part_path
 from rfd.runs import LoadedRun, load_run
 from rfd.settings import (
     EvalSettings,
@@ -251,6 +251,10 @@ def run_spec(s: EvalSettings, runs: list[LoadedRun], attacks: dict[str, Any]) ->
     for d in s.defense:
         cls, _, opts, cfg = defense_setup(s, d)
         defenses[d] = {**defense_defaults(d), **opts}
+        for k in cls.parts:  # a trained part is its file's content, not only its name
+            v = defenses[d].get(k)
+            if isinstance(v, (str, os.PathLike)) and part_path(v).is_file():
+                defenses[d][f"{k}_hash"] = file_hash(part_path(v))
         if cls.calibrated and s.nu is None:  # the passes of each calibration step decide nu
             defenses[d]["calibration_passes"] = int(cfg.get("n_passes", 5))
     spec["defense_params"] = defenses
@@ -273,6 +277,22 @@ def prefix_hashed_models(spec: dict[str, Any], runs: list[LoadedRun]) -> list[An
         {**m, "checkpoint_hash": file_hash(lr.checkpoint, LEGACY_HASH_BYTES)} if b else m
         for m, lr, b in zip(spec["models"], runs, big, strict=True)
     ]
+
+
+def _accept_new_part_hashes(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """A folder written before trained parts' hashes were recorded (``Defense.parts``) resumes
+    as it did then: the hashes it lacks are taken from ``new``, which records them from now on."""
+    from rfd.defenses import DEFENSES
+
+    was_all, now_all = old.get("defense_params"), new.get("defense_params")
+    if not isinstance(was_all, dict) or not isinstance(now_all, dict):
+        return
+    for d, now in now_all.items():
+        was = was_all.get(d)
+        if d in DEFENSES and isinstance(was, dict) and isinstance(now, dict):
+            for k in DEFENSES[d].parts:
+                if f"{k}_hash" in now and f"{k}_hash" not in was:
+                    was[f"{k}_hash"] = now[f"{k}_hash"]
 
 
 def _as_json(spec: dict[str, Any]) -> Any:
@@ -331,6 +351,7 @@ def _claim_run_dir(
                 old["forward_precision"] = new["forward_precision"]
             if prefix_models is not None and old.get("models") == _as_json(prefix_models):
                 old["models"] = new["models"]
+            _accept_new_part_hashes(old, new)
         if old != new:
             if not overwrite:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

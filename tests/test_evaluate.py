@@ -607,6 +607,46 @@ def test_a_checkpoint_changed_beyond_its_first_16_mib_is_refused_on_resume(
     assert "holds results of other settings (differ in: models)" in _refusal(capsys, args)
 
 
+def test_a_trained_defense_part_changed_in_place_is_refused_on_resume(
+    model_args, tmp_path: Path, capsys
+) -> None:
+    """MagNet's autoencoder is named by a path: the spec records the file's hash too, so an
+    autoencoder retrained in place is not mixed into a resumed run. A folder written before the
+    hash was recorded resumes as it did then."""
+    from test_defenses import quiet_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from rfd.defenses.magnet import AutoencoderModule
+    from rfd.models import file_hash
+
+    torch.manual_seed(0)
+    images = DataLoader(TensorDataset(torch.rand(8, 1, 28, 28)), batch_size=8)
+    trainer = quiet_trainer(default_root_dir=tmp_path, max_steps=1)
+    trainer.fit(AutoencoderModule(channels=1), images)
+    ae = tmp_path / "ae.ckpt"
+    trainer.save_checkpoint(ae)
+    run_dir = tmp_path / "run"
+    args = [*model_args, "--defense", "magnet", "--defense-param", f"magnet.autoencoder={ae}",
+            "--attack", "square", "--n-images", "10", "--queries", "20", "--run-dir",
+            str(run_dir), "--wandb", "disabled"]  # fmt: skip
+    evaluate_main(args)
+    spec_file = run_dir / "spec.json"
+    spec = json.loads(spec_file.read_text())
+    assert spec["defense_params"]["magnet"]["autoencoder_hash"] == file_hash(ae)
+
+    del spec["defense_params"]["magnet"]["autoencoder_hash"]  # as written before
+    spec_file.write_text(json.dumps(spec))
+    evaluate_main(args)  # resumes, and records the hash
+    spec = json.loads(spec_file.read_text())
+    assert spec["defense_params"]["magnet"]["autoencoder_hash"] == file_hash(ae)
+
+    state = torch.load(ae, map_location="cpu", weights_only=True)  # retrained in place
+    key = next(k for k, v in state["state_dict"].items() if v.is_floating_point())
+    state["state_dict"][key] = state["state_dict"][key] + 1e-3
+    torch.save(state, ae)
+    assert "holds results of other settings (differ in: defense_params)" in _refusal(capsys, args)
+
+
 def test_a_spec_written_before_the_checkpoint_hash_resumes_when_its_settings_agree(
     model_args, tmp_path: Path, capsys
 ) -> None:

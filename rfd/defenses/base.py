@@ -99,6 +99,9 @@ class Defense(nn.Module):
     # False: row_input is non-differentiable or masks gradients (e.g. JPEG's rounding); with BPDA
     # gradient attacks see the gradient of ``surrogate`` in its place (Athalye et al. 2018)
     differentiable: ClassVar[bool] = True
+    # options naming a trained part's checkpoint (MagNet's autoencoder): a run's spec records
+    # each file's content hash, so a part retrained in place is not mixed into a resumed run
+    parts: ClassVar[tuple[str, ...]] = ()
     nu: Any = 0.0  # deterministic defenses; noise defenses override it with a checked property
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

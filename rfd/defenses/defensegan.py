@@ -228,6 +228,7 @@ class DefenseGAN(Defense):
     """
 
     name = "defensegan"
+    parts = ("generator",)
     title = "Defense-GAN"
     order = 70
     differentiable = False  # an inner argmin: BPDA passes the identity (Athalye et al. 2018)

@@ -178,6 +178,7 @@ class MagNet(Defense):
     """
 
     name = "magnet"
+    parts = ("autoencoder",)
     title = "MagNet"
     order = 60
     # The reformer IS differentiable; declaring it not makes --bpda (the default) attack through
