@@ -44,10 +44,16 @@ def put(t: Tensor, idx: Tensor, v: Tensor) -> None:
         and not (torch.is_grad_enabled() and (t.requires_grad or v.requires_grad))
     ):
         row = t[0].numel() * t.element_size() if t.shape[0] else 0
-        if row and row % 16 == 0 and t.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0:
+        if row and row % 16 == 0 and _aligned(t) and _aligned(v):
             words = row // 16
             t.view(t.shape[0], -1).view(torch.complex128).index_put_(
                 (idx,), v.view(n, -1).view(torch.complex128).view(n, words)
             )
             return
     t[idx] = v
+
+
+def _aligned(t: Tensor) -> bool:
+    """Whether ``t`` can be reinterpreted as 16-byte words: an aligned address and an offset into
+    its storage that is a whole number of words (``Tensor.view(dtype)`` checks the latter)."""
+    return t.data_ptr() % 16 == 0 and t.storage_offset() * t.element_size() % 16 == 0

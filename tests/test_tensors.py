@@ -66,3 +66,12 @@ def test_put_keeps_autograd_working() -> None:
     y.sum().backward()
     assert torch.equal(v.grad, torch.full((2, 8), 3.0))
     assert torch.equal(x.grad, torch.tensor([0.0, 1, 0, 1]).view(4, 1).expand(4, 8))
+
+
+def test_put_into_rows_at_any_offset_of_a_larger_tensor() -> None:
+    """A slice starting at an odd float cannot be read as 16-byte words: the plain path."""
+    flat = torch.zeros(1 + 6 * 8)
+    t = flat[1:].view(6, 8)  # offset by one float: 4 bytes
+    v = torch.arange(16.0).view(2, 8)
+    put(t, torch.tensor([4, 1]), v)
+    assert torch.equal(t[4], v[0]) and torch.equal(t[1], v[1])
