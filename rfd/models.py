@@ -12,6 +12,7 @@ import itertools
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -232,15 +233,12 @@ def file_hash(path: str | os.PathLike, n_bytes: int | None = None) -> str:
     """
     p = Path(path)
     h = hashlib.sha256(str(p.stat().st_size).encode())
-    left = n_bytes
     with p.open("rb") as f:
-        while left is None or left > 0:
-            block = f.read(LEGACY_HASH_BYTES if left is None else min(left, LEGACY_HASH_BYTES))
-            if not block:
-                break
-            h.update(block)
-            if left is not None:
-                left -= len(block)
+        if n_bytes is not None:
+            h.update(f.read(n_bytes))
+        else:  # in blocks: a checkpoint can be larger than the memory to spare
+            for block in iter(partial(f.read, LEGACY_HASH_BYTES), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -443,9 +441,10 @@ def check_inputs(model: nn.Module, images: Tensor, labels: Tensor | None = None)
         raise ValueError(f"labels must be >= 0, got {int(labels.min())}")
 
 
-def check_logits(logits: Tensor, labels: Tensor) -> None:
-    """A model answer that cannot be judged: fewer classes than the labels need, or NaN/inf."""
-    if labels.numel() and int(labels.max()) >= logits.shape[-1]:
+def check_logits(logits: Tensor, labels: Tensor | None = None) -> None:
+    """A model answer that cannot be judged: fewer classes than the labels need, or NaN/inf
+    (without ``labels``, only the latter)."""
+    if labels is not None and labels.numel() and int(labels.max()) >= logits.shape[-1]:
         raise ValueError(
             f"labels go up to {int(labels.max())} but the model outputs {logits.shape[-1]} classes"
         )

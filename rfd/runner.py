@@ -253,8 +253,9 @@ def run_spec(s: EvalSettings, runs: list[LoadedRun], attacks: dict[str, Any]) ->
         defenses[d] = {**defense_defaults(d), **opts}
         for k in cls.parts:  # a trained part is its file's content, not only its name
             v = defenses[d].get(k)
-            if isinstance(v, (str, os.PathLike)) and part_path(v).is_file():
-                defenses[d][f"{k}_hash"] = file_hash(part_path(v))
+            path = part_path(v) if isinstance(v, (str, os.PathLike)) else None
+            if path is not None and path.is_file():
+                defenses[d][f"{k}_hash"] = file_hash(path)
         if cls.calibrated and s.nu is None:  # the passes of each calibration step decide nu
             defenses[d]["calibration_passes"] = int(cfg.get("n_passes", 5))
     spec["defense_params"] = defenses

@@ -9,6 +9,8 @@ vector of row numbers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -43,14 +45,16 @@ def put(t: Tensor, idx: Tensor, v: Tensor) -> None:
         and v.is_contiguous()
         and not (torch.is_grad_enabled() and (t.requires_grad or v.requires_grad))
     ):
-        row = t[0].numel() * t.element_size() if t.shape[0] else 0
-        if row and row % 16 == 0 and _aligned(t) and _aligned(v):
-            words = row // 16
-            t.view(t.shape[0], -1).view(torch.complex128).index_put_(
-                (idx,), v.view(n, -1).view(torch.complex128).view(n, words)
-            )
+        row = math.prod(t.shape[1:]) * t.element_size()  # bytes per row
+        if n > 0 and t.shape[0] and row % 16 == 0 and _aligned(t) and _aligned(v):
+            _words(t).index_put_((idx,), _words(v))
             return
     t[idx] = v
+
+
+def _words(t: Tensor) -> Tensor:
+    """The rows of ``t`` as complex128 words: the same bytes, reinterpreted (see :func:`put`)."""
+    return t.view(t.shape[0], -1).view(torch.complex128)
 
 
 def _aligned(t: Tensor) -> bool:

@@ -337,7 +337,6 @@ class EngineRun:
         self.n_done = 0
         self._done_batch: list[Tensor] = []
         self._boxes: dict[float, tuple[Tensor, Tensor]] = {}
-        self._no_labels = torch.zeros(0, dtype=torch.long, device=dev)
 
     def _setup_cells(self) -> None:
         def pluggable(m: nn.Module) -> bool:
@@ -418,16 +417,17 @@ class EngineRun:
     def _view(self, lane: _Lane, g: Tensor, init: bool = False) -> View:
         rem = self._remaining(lane, g)
         step = take(self.steps, g)
+        image = take(self.image, g)  # the originals and their box are gathered by it
 
         def rng() -> KeyedRNG:  # keyed by (attack seed, image, the image's own step)
             return KeyedRNG(offset_rows(take(self.akey, g), 0 if init else step + 1))
 
         def x0() -> Tensor:
-            return take(self.images, take(self.image, g))
+            return take(self.images, image)
 
         view = View(x0, lane.eps, lane.attack.norm, lane.budget, rem, step, rng, lane.eot)
         if lane.attack.norm == "linf":
-            view._box = lambda: tuple(take(t, take(self.image, g)) for t in self._box(lane.eps))
+            view._box = lambda: tuple(take(t, image) for t in self._box(lane.eps))
         return view
 
     def _box(self, eps: float) -> tuple[Tensor, Tensor]:
@@ -875,7 +875,7 @@ class EngineRun:
             out = ex.fwd(x, plan, keys)[:rows]
         self.forward_seconds += time.perf_counter() - t0
         # NaN logits would read as misclassified: one check per forward, not one per chunk
-        check_logits(out, self._no_labels)
+        check_logits(out)
         off = 0
         for ch, a, b in pieces:
             part = out[off : off + b - a]
