@@ -20,6 +20,7 @@ import math
 import zlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,21 +37,48 @@ _M1 = _signed(0xBF58476D1CE4E5B9)
 _M2 = _signed(0x94D049BB133111EB)
 _TWO_PI = 2.0 * math.pi
 _U24 = 2.0**-24
-_U24_ONE = 1 << 24
 _TWO_PI_U24 = _TWO_PI * _U24  # float32(2pi * 2^-24) == float32(2pi) * 2^-24 exactly
 
 
 def _shr(x: Tensor, s: int, bits: int = 64) -> Tensor:
     """The ``bits`` bits above the lowest ``s`` of int64 ``x``, as a non-negative int64: a logical
     right shift (torch's ``>>`` is arithmetic: it would copy the sign bit), masked."""
+    width = min(bits, 64 - s)
+    if x.device.type == "cpu":  # numpy shifts uint64 logically: one op, no mask
+        t = np.right_shift(_u64(x), np.uint64(s))
+        if width < 64 - s:
+            t &= np.uint64((1 << width) - 1)
+        return torch.from_numpy(t.view(np.int64))
     t = x >> s
-    t &= (1 << min(bits, 64 - s)) - 1
+    t &= (1 << width) - 1
     return t
+
+
+def _u64(x: Tensor) -> np.ndarray:
+    """The words of a CPU int64 tensor as a uint64 array sharing its memory."""
+    return x.numpy().view(np.uint64)
+
+
+_NP_M1, _NP_M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_NP_SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31))
 
 
 def _mix_(x: Tensor) -> Tensor:
     """splitmix64's finalizer, in place on ``x`` (a fresh tensor the caller gives up): in-place
-    int64 ops save an allocation and a memory pass each on the engine's hottest path."""
+    int64 ops save an allocation and a memory pass each on the engine's hottest path.
+
+    On CPU the words go through numpy as uint64 (the same bits: shifts, xors and wrapping
+    multiplications are exact in both), which shifts logically without a mask and costs half
+    the time of torch's int64 kernels; randomness is generated on every forward."""
+    if x.device.type == "cpu" and x.is_contiguous():
+        a = _u64(x)
+        t = np.empty_like(a)
+        for shift, mult in zip(_NP_SHIFTS, (_NP_M1, _NP_M2, None), strict=True):
+            np.right_shift(a, shift, out=t)
+            a ^= t
+            if mult is not None:
+                a *= mult
+        return x
     x ^= _shr(x, 30)
     x *= _M1
     x ^= _shr(x, 27)
@@ -144,10 +172,32 @@ def _bits(keys: Tensor, n: int, offset: int = 0) -> Tensor:
     return _mix_(keys.view(-1, 1) + _counters(n, offset, keys.device))
 
 
-def _unit(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """24-bit integers ``t`` as floats in [0, 1): exact (an integer below 2^24 and a power-of-two
-    scale lose nothing), in one op for float32 (int64 * float scalar computes in float32)."""
-    return t * _U24 if dtype == torch.float32 else t.to(dtype) * _U24
+def _field(
+    words: Tensor, s: int, bits: int, scale: float, dtype: torch.dtype, complement: bool = False
+) -> Tensor:
+    """Bits ``s .. s + bits`` of each word as an integer ``t`` (``2^bits - t`` with
+    ``complement``), times ``scale``, as ``dtype``: exact for ``bits <= 24`` and a power-of-two
+    scale; otherwise one float32 rounding of ``float32(t) * float32(scale)`` (for float32).
+
+    On CPU the integer part runs in numpy (logical uint64 shifts, a cheap int-to-float cast),
+    with the same bits as the torch expression below, which other devices use."""
+    if words.device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        npd = np.float32 if dtype == torch.float32 else np.float64
+        t = np.right_shift(_u64(words), np.uint64(s))
+        if bits < 64 - s:
+            t &= np.uint64((1 << bits) - 1)
+        if complement:
+            np.subtract(np.uint64(1 << bits), t, out=t)
+        f = t.astype(npd)
+        if scale != 1.0:
+            f *= npd(scale)
+        return torch.from_numpy(f)
+    t = _shr(words, s, bits)
+    if complement:
+        t = (1 << bits) - t
+    if dtype == torch.float32:  # int64 * float scalar computes in float32: one op
+        return t * scale if scale != 1.0 else t.to(dtype)
+    return t.to(dtype) * scale if scale != 1.0 else t.to(dtype)
 
 
 def _shape(shape: Sequence[int] | int) -> tuple[int, ...]:
@@ -190,7 +240,7 @@ class KeyedRNG:
         """U[0, 1) with 24 random bits (float32's mantissa), shaped ``(A, *shape)``."""
         s = _shape(shape)
         n = math.prod(s)
-        return _unit(_shr(self._words(n), 40), dtype).view(len(self), *s)
+        return _field(self._words(n), 40, 24, _U24, dtype).view(len(self), *s)
 
     def normal(self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32) -> Tensor:
         """N(0, 1) by Box-Muller: one 64-bit hash gives two 24-bit uniforms and two normals."""
@@ -199,12 +249,12 @@ class KeyedRNG:
         h = (n + 1) // 2
         b = self._words(h)
         # 1 - u = (2^24 - t) * 2^-24 for the 24-bit integer t: exact, in (0, 1], the log finite
-        r = _unit(_U24_ONE - _shr(b, 40), torch.float32)
+        r = _field(b, 40, 24, _U24, torch.float32, complement=True)
         r.log_()
         r *= -2.0
         r.sqrt_()
         # t * (2pi * 2^-24) rounds exactly as (t * 2^-24) * 2pi: scaling by 2^-24 is exact
-        theta = _shr(b, 16, 24) * _TWO_PI_U24
+        theta = _field(b, 16, 24, _TWO_PI_U24, torch.float32)
         z = torch.empty((len(self), 2, h), dtype=torch.float32, device=b.device)
         torch.cos(theta, out=z[:, 0])
         torch.sin(theta, out=z[:, 1])
@@ -232,7 +282,7 @@ class KeyedRNG:
     def bits01(self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32) -> Tensor:
         """Fair 0/1 draws as floats (the cheap form of random signs)."""
         s = _shape(shape)
-        return _shr(self._words(math.prod(s)), 63).to(dtype).view(len(self), *s)
+        return _field(self._words(math.prod(s)), 63, 1, 1.0, dtype).view(len(self), *s)
 
     def bernoulli(self, p: Tensor) -> Tensor:
         """Booleans that are True with probability ``p`` (shaped ``(A, ...)``, per element)."""

@@ -195,6 +195,34 @@ def test_keyed_rng_streams_are_pinned():
     ]
 
 
+def test_keyed_rng_cpu_words_match_the_reference():
+    """On CPU the hash and the bit fields run in numpy as uint64; they must give the bits of the
+    scalar reference (splitmix64 in Python integers) and of the torch expressions other
+    devices use, including for non-contiguous words (which take the torch path)."""
+    from rfd.rng import _field, _mix_, _mix_int, _shr
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-(2**63), 2**63 - 1, (64, 7), generator=g, dtype=torch.int64)
+    mixed = _mix_(x.clone())
+    assert mixed.flatten().tolist() == [_mix_int(v) for v in x.flatten().tolist()]
+    strided = x.clone().t()  # not contiguous: the torch path
+    assert torch.equal(_mix_(strided).t(), mixed)
+    for s, bits, scale, complement in [(40, 24, 2.0**-24, False), (40, 24, 2.0**-24, True),
+                                       (16, 24, 3.7e-7, False), (63, 1, 1.0, False)]:  # fmt: skip
+        t = _shr(x, s, bits)
+        assert t.min() >= 0 and t.max() < 2**bits
+        assert torch.equal(t, (x >> s) & ((1 << bits) - 1))  # the torch path of _shr
+        t = (1 << bits) - t if complement else t
+        for dtype in (torch.float32, torch.float64):
+            want = (
+                (t * scale if scale != 1.0 else t.float())
+                if dtype == torch.float32
+                else (t.to(dtype) * scale)
+            )
+            got = _field(x, s, bits, scale, dtype, complement)
+            assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+
+
 def test_keyed_rng_moments():
     r = KeyedRNG(row_keys(0, torch.arange(400)))
     n = 400 * 1000
