@@ -614,3 +614,15 @@ def test_nes_rejects_non_finite_and_non_positive_hyperparameters(norm, kwargs, m
 
     with pytest.raises(ValueError, match=match):
         NESAttack(norm, **kwargs)
+
+
+def test_square_side_table_matches_the_schedule():
+    """Square looks its window sides up in a table built once per schedule: every iteration
+    (and any past the end of the run) must get the side the schedule's formula gives."""
+    from rfd.attacks.square import _side_formula, _sides
+
+    for n_iters in (1, 9, 999, 9999):
+        for norm in ("linf", "l2"):
+            it = torch.arange(n_iters + 20)
+            want = _side_formula(0.05, it, n_iters, 28, 28, norm)
+            assert torch.equal(_sides(0.05, it, n_iters, 28, 28, norm), want)

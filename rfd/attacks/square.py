@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from rfd.attacks.base import Attack, Reply, State, View, select
+from rfd.tensors import take
 
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -45,7 +46,23 @@ def p_selection(p_init: float, it: int, n_iters: int) -> float:
 
 
 def _sides(p_init: float, it: Tensor, n_iters: int, h: int, w: int, norm: str) -> Tensor:
-    """Window side per image from its own iteration count: :func:`p_selection`, vectorized."""
+    """Window side per image from its own iteration count: :func:`p_selection`, vectorized.
+
+    Looked up in a table of every iteration's side (built once per schedule by the same
+    arithmetic): the schedule runs on every step of every image. Iterations past the end of the
+    run keep the last stage's side."""
+    table = _side_table(p_init, n_iters, h, w, norm, it.device)
+    return take(table, it.clamp(max=table.shape[0] - 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _side_table(
+    p_init: float, n_iters: int, h: int, w: int, norm: str, device: torch.device
+) -> Tensor:
+    return _side_formula(p_init, torch.arange(n_iters + 1, device=device), n_iters, h, w, norm)
+
+
+def _side_formula(p_init: float, it: Tensor, n_iters: int, h: int, w: int, norm: str) -> Tensor:
     stage = torch.searchsorted(
         torch.tensor(_HALVINGS, device=it.device), (it.double() / n_iters * 10000).long()
     )
