@@ -182,8 +182,8 @@ class View:
     def subset(self, idx: Tensor) -> View:
         """The view of images ``idx`` only (same step, same streams)."""
         v = View(
-            lambda: take(self.x0, idx), self.eps, self.norm, self.budget, self.remaining[idx],
-            self.step[idx], lambda: self.rng[idx], self.eot,
+            lambda: take(self.x0, idx), self.eps, self.norm, self.budget,
+            take(self.remaining, idx), take(self.step, idx), lambda: self.rng[idx], self.eot,
         )  # fmt: skip
         if self._box is not None:
             v._box = lambda: tuple(take(t, idx) for t in self._linf_box())

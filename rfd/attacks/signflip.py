@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from rfd.attacks.base import Attack, Reply, Rows, State, View, phase_rows, select
+from rfd.tensors import put, take
 
 INIT, SEARCH, PROJECT, FLIP = 0, 1, 2, 3
 
@@ -125,11 +126,11 @@ class SignFlip(Attack):
             if m is None:
                 out, draw = q, d
                 break
-            out[m] = q
+            put(out, m, q)
             if d is not None:
                 if draw is None:
                     draw = torch.empty_like(view.x0)
-                draw[m] = d
+                put(draw, m, d)
         if draw is not None:
             state["draw"] = draw
         return out
@@ -147,7 +148,7 @@ class SignFlip(Attack):
             for k, t in new.items():
                 if k not in out:
                     out[k] = state[k].clone()
-                out[k][m] = t
+                put(out[k], m, t)
         return out
 
     def _after_init(self, view: View, s: Rows, ok: Tensor, x: Tensor) -> State:
@@ -198,11 +199,11 @@ class SignFlip(Attack):
         if acc.numel() or ad.numel():
             prob = prob.clone()
         if acc.numel():
-            prob[acc] = (prob[acc] - flips[acc] * 1e-4).clamp(lo, hi)
+            put(prob, acc, (take(prob, acc) - take(flips, acc) * 1e-4).clamp(lo, hi))
         rate_p, rate_f = acc_proj / self.adapt_every, acc_flip / self.adapt_every
         if ad.numel():
             shift = (rate_f < 0.3).to(prob.dtype) * 1e-3 - (rate_f > 0.7).to(prob.dtype) * 1e-3
-            prob[ad] = (prob[ad] + shift[ad].view(-1, 1, 1, 1)).clamp(lo, hi)
+            put(prob, ad, (take(prob, ad) + take(shift, ad).view(-1, 1, 1, 1)).clamp(lo, hi))
         new_alpha = torch.where(rate_p > 0.7, alpha * 1.5, alpha)
         new_alpha = torch.where(rate_p < 0.3, new_alpha / 1.5, new_alpha)
         return {
