@@ -337,6 +337,7 @@ class EngineRun:
         self.n_done = 0
         self._done_batch: list[Tensor] = []
         self._boxes: dict[float, tuple[Tensor, Tensor]] = {}
+        self._vote_subs = torch.arange(VOTES, device=dev) + _VOTE_SUB  # a vote's noise samples
 
     def _setup_cells(self) -> None:
         def pluggable(m: nn.Module) -> bool:
@@ -406,7 +407,8 @@ class EngineRun:
     # ------------------------------------------------------------------------------ helpers
     def _remaining(self, lane: _Lane, g: Tensor) -> Tensor:
         """Queries jobs ``g`` may still send (EOT samples divided out)."""
-        return (lane.budget - take(self.used, g)) // lane.eot
+        left = lane.budget - take(self.used, g)
+        return left if lane.eot == 1 else left // lane.eot
 
     @staticmethod
     def _probe(lane: _Lane, ex: _Executor) -> int:
@@ -562,7 +564,7 @@ class EngineRun:
     def _vote_chunk(self, kind: str, lane: _Lane, g: Tensor, pts: Tensor, query: Tensor,
                     extra: dict[str, Any]) -> _Chunk:  # fmt: skip
         x = pts.repeat_interleave(VOTES, 0)
-        subs = (torch.arange(VOTES, device=self.device) + _VOTE_SUB).repeat(g.shape[0])
+        subs = self._vote_subs.repeat(g.shape[0])
         gi = g.repeat_interleave(VOTES)
         keys = self._noise_keys(gi, query.repeat_interleave(VOTES), subs)
         return self._chunk(kind, lane, g, x, gi, keys, {**extra, "points": pts})
@@ -602,8 +604,12 @@ class EngineRun:
             qnum = (take(self.used, g) // m).unsqueeze(1) + torch.arange(
                 1, r + 1, device=self.device
             )
-            valid = torch.arange(r, device=self.device).unsqueeze(0) < n.unsqueeze(1)
-            flat, gi, qnum = q[valid], g.unsqueeze(1).expand(-1, r)[valid], qnum[valid]
+            if bool((n == r).all()):  # every image sends all its rows: no masks, no copies
+                valid, flat = None, q.flatten(0, 1)
+                gi, qnum = g.repeat_interleave(r), qnum.view(-1)
+            else:
+                valid = torch.arange(r, device=self.device).unsqueeze(0) < n.unsqueeze(1)
+                flat, gi, qnum = q[valid], g.unsqueeze(1).expand(-1, r)[valid], qnum[valid]
         if m > 1:
             flat, gi, qnum = (
                 flat.repeat_interleave(m, 0),
@@ -633,15 +639,26 @@ class EngineRun:
         else:  # a vote: 9 uncharged re-queries of one point per job
             lab = out.argmax(1).view(g.shape[0], VOTES)
             ok = (lab != y.unsqueeze(1)).sum(1) >= MAJORITY
-            self.verify[g] += VOTES
-            back = (~ok).nonzero()[:, 0]
-            self.phase[g[back]] = RUN
+            self.verify.index_add_(0, g, torch.full_like(g, VOTES))
+            n_ok = int(ok.sum())
+            # most votes go one way for the whole chunk (every alarm of a noisy model is false,
+            # every one of a deterministic model true): no subsets then
+            if n_ok == g.shape[0]:
+                back = g[:0]
+            else:
+                back = (~ok).nonzero()[:, 0]
+                self.phase[take(g, back)] = RUN
             if ch.kind == "vote-clean":
                 self.clean_correct[g[ok]] = False
                 self._finish(g[ok])
                 self._end_or_continue(lane, g[back], None, None)
             else:
-                self._succeed(g[ok], ch.extra["points"][ok], ch.extra["fooled_at"][ok])
+                if n_ok:
+                    yes = ok.nonzero()[:, 0]
+                    pts, at = ch.extra["points"], ch.extra["fooled_at"]
+                    self._succeed(take(g, yes), take(pts, yes), take(at, yes))
+                if back.numel() == 0:
+                    return
                 back = self._vote_next(lane, ch, back)
                 # not confirmed: the step's answers were observed with the rest of its chunk
                 # (the state is in the slots); the job goes on or ends as any other would
@@ -682,8 +699,8 @@ class EngineRun:
         a, r, m = g.shape[0], q.shape[1], lane.eot
         z, lab = self._reduce(lane, out.view(-1, m, out.shape[-1]))
         k = z.shape[-1]
-        if valid is None:
-            zf, labf = z.view(a, 1, k), lab.view(a, 1)
+        if valid is None:  # every query of the step was sent
+            zf, labf = z.view(a, r, k), lab.view(a, r)
         else:
             zf = torch.zeros((a, r, k), dtype=z.dtype, device=z.device)
             zf[valid] = z
@@ -705,7 +722,7 @@ class EngineRun:
                 grad = ch.grad_out.view(-1, m, *ch.grad_out.shape[1:]).mean(1)
                 loss = ch.loss_out.view(-1, m).mean(1)
                 if valid is None:
-                    reply._grad, reply._loss = grad.view(a, 1, *grad.shape[1:]), loss.view(a, 1)
+                    reply._grad, reply._loss = grad.view(a, r, *grad.shape[1:]), loss.view(a, r)
                 else:
                     reply._grad = grad.new_zeros((a, r, *grad.shape[1:]))
                     reply._grad[valid] = grad
@@ -725,25 +742,32 @@ class EngineRun:
             self._end_or_continue(lane, g, view, state)
             return
         h, miss = hit.nonzero()[:, 0], (~hit).nonzero()[:, 0]
+        gh = take(g, h)
         if lane.criterion == "vote":
-            self.phase[g[h]] = VOTE
-            done = state["done"][h] if "done" in state else None
+            self.phase[gh] = VOTE
+            done = take(state["done"], h) if "done" in state else None
             # the step's fooling queries are voted in query order until one is confirmed
-            extra = {"done": done, "rest": fooled[h], "q": q[h], "base": used_before[h]}
-            self._vote_first(lane, g[h], extra)
+            extra = {"done": done, "rest": take(fooled, h), "q": take(q, h),
+                     "base": take(used_before, h)}  # fmt: skip
+            self._vote_first(lane, gh, extra)
         else:
-            first = fooled[h].int().argmax(1)  # argmax returns the first fooling query
-            self._succeed(g[h], q[h, first], used_before[h] + (first + 1) * lane.eot)
-        self._end_or_continue(lane, g[miss], view, state, rows=miss)
+            first = take(fooled, h).int().argmax(1)  # argmax returns the first fooling query
+            self._succeed(gh, q[h, first], take(used_before, h) + (first + 1) * lane.eot)
+        self._end_or_continue(lane, take(g, miss), view, state, rows=miss)
 
     def _vote_first(self, lane: _Lane, g: Tensor, extra: dict[str, Any]) -> None:
         """Vote the first fooling query left in each job's step: ``extra["rest"]`` (A, R) marks
         the step's fooling queries not voted yet, ``extra["q"]`` (A, R, ...) holds them."""
-        m, rest, base = lane.eot, extra["rest"].clone(), extra["base"]
-        first = rest.int().argmax(1)  # argmax returns the first True
-        rows = torch.arange(g.shape[0], device=g.device)
-        rest[rows, first] = False
-        pts = extra["q"][rows, first]
+        m, rest, base = lane.eot, extra["rest"], extra["base"]
+        if rest.shape[1] == 1:  # one query per step: it is the one to vote, none is left after
+            first, pts = torch.zeros_like(base), extra["q"][:, 0]
+            rest = torch.zeros_like(rest)
+        else:
+            rest = rest.clone()
+            first = rest.int().argmax(1)  # argmax returns the first True
+            rows = torch.arange(g.shape[0], device=g.device)
+            rest[rows, first] = False
+            pts = extra["q"][rows, first]
         extra = {**extra, "rest": rest, "fooled_at": base + (first + 1) * m}
         self._enqueue(self._vote_chunk("vote-step", lane, g, pts, base // m + first + 1, extra))
 
