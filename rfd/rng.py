@@ -44,7 +44,7 @@ def _shr(x: Tensor, s: int, bits: int = 64) -> Tensor:
     """The ``bits`` bits above the lowest ``s`` of int64 ``x``, as a non-negative int64: a logical
     right shift (torch's ``>>`` is arithmetic: it would copy the sign bit), masked."""
     width = min(bits, 64 - s)
-    if x.device.type == "cpu":  # numpy shifts uint64 logically: one op, no mask
+    if x.device.type == "cpu" and x.dim():  # numpy shifts uint64 logically: one op, no mask
         t = np.right_shift(_u64(x), np.uint64(s))
         if width < 64 - s:
             t &= np.uint64((1 << width) - 1)
@@ -70,7 +70,7 @@ def _mix_(x: Tensor) -> Tensor:
     On CPU the words go through numpy as uint64 (the same bits: shifts, xors and wrapping
     multiplications are exact in both), which shifts logically without a mask and costs half
     the time of torch's int64 kernels; randomness is generated on every forward."""
-    if x.device.type == "cpu" and x.is_contiguous():
+    if x.device.type == "cpu" and x.dim() and x.is_contiguous():
         a = _u64(x)
         t = np.empty_like(a)
         for shift, mult in zip(_NP_SHIFTS, (_NP_M1, _NP_M2, None), strict=True):
@@ -181,7 +181,7 @@ def _field(
 
     On CPU the integer part runs in numpy (logical uint64 shifts, a cheap int-to-float cast),
     with the same bits as the torch expression below, which other devices use."""
-    if words.device.type == "cpu" and dtype in (torch.float32, torch.float64):
+    if words.device.type == "cpu" and words.dim() and dtype in (torch.float32, torch.float64):
         npd = np.float32 if dtype == torch.float32 else np.float64
         t = np.right_shift(_u64(words), np.uint64(s))
         if bits < 64 - s:

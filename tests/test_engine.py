@@ -205,6 +205,9 @@ def test_keyed_rng_cpu_words_match_the_reference():
     x = torch.randint(-(2**63), 2**63 - 1, (64, 7), generator=g, dtype=torch.int64)
     mixed = _mix_(x.clone())
     assert mixed.flatten().tolist() == [_mix_int(v) for v in x.flatten().tolist()]
+    v = int(x[0, 0])  # a 0-dim tensor (numpy would hand back a scalar): the torch path
+    assert _mix_(torch.tensor(v)).item() == _mix_int(v)
+    assert int(_shr(torch.tensor(v), 40, 24)) == (v % 2**64) >> 40
     strided = x.clone().t()  # not contiguous: the torch path
     assert torch.equal(_mix_(strided).t(), mixed)
     for s, bits, scale, complement in [(40, 24, 2.0**-24, False), (40, 24, 2.0**-24, True),
