@@ -43,20 +43,31 @@ _TWO_PI_U24 = _TWO_PI * _U24  # float32(2pi * 2^-24) == float32(2pi) * 2^-24 exa
 def _shr(x: Tensor, s: int, bits: int = 64) -> Tensor:
     """The ``bits`` bits above the lowest ``s`` of int64 ``x``, as a non-negative int64: a logical
     right shift (torch's ``>>`` is arithmetic: it would copy the sign bit), masked."""
-    width = min(bits, 64 - s)
-    if x.device.type == "cpu" and x.dim():  # numpy shifts uint64 logically: one op, no mask
-        t = np.right_shift(_u64(x), np.uint64(s))
-        if width < 64 - s:
-            t &= np.uint64((1 << width) - 1)
-        return torch.from_numpy(t.view(np.int64))
+    if _numpy_words(x):
+        return torch.from_numpy(_shr_np(x, s, bits).view(np.int64))
     t = x >> s
-    t &= (1 << width) - 1
+    t &= (1 << min(bits, 64 - s)) - 1
     return t
+
+
+def _numpy_words(x: Tensor) -> bool:
+    """Whether ``x``'s words go through numpy: CPU tensors with at least one dimension (numpy
+    hands back a scalar, not an array, for a 0-dim one)."""
+    return x.device.type == "cpu" and x.dim() > 0
 
 
 def _u64(x: Tensor) -> np.ndarray:
     """The words of a CPU int64 tensor as a uint64 array sharing its memory."""
     return x.numpy().view(np.uint64)
+
+
+def _shr_np(x: Tensor, s: int, bits: int) -> np.ndarray:
+    """:func:`_shr` as a uint64 array: numpy shifts logically, so a field that reaches the top
+    bit needs no mask."""
+    t = np.right_shift(_u64(x), np.uint64(s))
+    if bits < 64 - s:
+        t &= np.uint64((1 << bits) - 1)
+    return t
 
 
 _NP_M1, _NP_M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -70,7 +81,7 @@ def _mix_(x: Tensor) -> Tensor:
     On CPU the words go through numpy as uint64 (the same bits: shifts, xors and wrapping
     multiplications are exact in both), which shifts logically without a mask and costs half
     the time of torch's int64 kernels; randomness is generated on every forward."""
-    if x.device.type == "cpu" and x.dim() and x.is_contiguous():
+    if _numpy_words(x) and x.is_contiguous():
         a = _u64(x)
         t = np.empty_like(a)
         for shift, mult in zip(_NP_SHIFTS, (_NP_M1, _NP_M2, None), strict=True):
@@ -181,11 +192,9 @@ def _field(
 
     On CPU the integer part runs in numpy (logical uint64 shifts, a cheap int-to-float cast),
     with the same bits as the torch expression below, which other devices use."""
-    if words.device.type == "cpu" and words.dim() and dtype in (torch.float32, torch.float64):
+    if _numpy_words(words) and dtype in (torch.float32, torch.float64):
         npd = np.float32 if dtype == torch.float32 else np.float64
-        t = np.right_shift(_u64(words), np.uint64(s))
-        if bits < 64 - s:
-            t &= np.uint64((1 << bits) - 1)
+        t = _shr_np(words, s, bits)
         if complement:
             np.subtract(np.uint64(1 << bits), t, out=t)
         f = t.astype(npd)
@@ -195,9 +204,10 @@ def _field(
     t = _shr(words, s, bits)
     if complement:
         t = (1 << bits) - t
-    if dtype == torch.float32:  # int64 * float scalar computes in float32: one op
-        return t * scale if scale != 1.0 else t.to(dtype)
-    return t.to(dtype) * scale if scale != 1.0 else t.to(dtype)
+    if scale == 1.0:
+        return t.to(dtype)
+    # int64 * float scalar computes in float32: one op
+    return t * scale if dtype == torch.float32 else t.to(dtype) * scale
 
 
 def _shape(shape: Sequence[int] | int) -> tuple[int, ...]:
