@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ import torch
 import rfd
 from rfd.attacks import Cell, Engine, make_attack
 from rfd.defenses import calibrate, protect
+from rfd.evaluation import CoreHandover
 from rfd.metrics import merge_stats
 from rfd.settings import keep_freed_memory
 
@@ -68,6 +71,7 @@ class PlainProbe:
         self.times: list[float] = []
         self.spent = 0.0
         self.last = -every
+        self.threads = torch.get_num_threads()
 
     def time_one(self) -> None:
         t = time.perf_counter()
@@ -84,7 +88,9 @@ class PlainProbe:
         self.spent += t2 - t
 
     def __call__(self, p: object) -> None:
-        if p.forwards - self.last >= self.every:
+        # after a core handover the forwards run on more threads than the layout's share: a
+        # timing then would not be the layout's plain forward
+        if p.forwards - self.last >= self.every and torch.get_num_threads() == self.threads:
             self.last = p.forwards
             self.time_one()
 
@@ -128,11 +134,13 @@ def forward_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_share(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-              ids: torch.Tensor, nus: dict[str, float], start: Any = None) -> dict[str, Any]:  # fmt: skip
+              ids: torch.Tensor, nus: dict[str, float], start: Any = None,
+              handover: CoreHandover | None = None) -> dict[str, Any]:  # fmt: skip
     """One engine over images ``x``: its per-job outcomes, cell statistics and timings.
 
     ``start`` (a barrier) lines the processes of a multi-process run up after their warm-up, so
-    that the wall time covers the grid alone.
+    that the wall time covers the grid alone; ``handover`` gives the cores of processes that end
+    first to the others, as ``evaluate.py --devices N`` does.
     """
     fw = forward_settings(args)
     cells = cells_for(args, model, nus)
@@ -144,7 +152,14 @@ def run_share(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor,
             probe.time_one()
         probe.times.clear()
         probe.spent = 0.0
-        engine = Engine(args.batch, progress=probe, **fw)
+        progress = probe
+        if handover is not None:
+
+            def progress(p: object) -> None:
+                handover.poll()
+                probe(p)
+
+        engine = Engine(args.batch, progress=progress, **fw)
         if start is not None:
             start.wait()
         t0 = time.monotonic()  # system-wide: comparable across processes
@@ -152,6 +167,8 @@ def run_share(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor,
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.monotonic()
+        if handover is not None:
+            handover.finish()
     cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731 (arrays pickle by value)
     return {
         "names": [c.name for c in cells],
@@ -166,13 +183,15 @@ def run_share(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor,
 
 
 def _worker(rank: int, procs: int, threads: int, args: argparse.Namespace,
-            nus: dict[str, float], start: Any, out: Any) -> None:  # fmt: skip
-    """One process of a ``--procs`` run: images ``rank::procs``, ``threads`` torch threads."""
+            nus: dict[str, float], start: Any, out: Any, cores: str) -> None:  # fmt: skip
+    """One process of a ``--procs`` run: images ``rank::procs``, ``threads`` torch threads (more
+    once others end: ``cores`` is the handover's shared folder)."""
     keep_freed_memory()
     torch.set_num_threads(threads)
     model, x, y, ids, _ = load(args)
     share = slice(rank, None, procs)
-    out.put((rank, run_share(args, model, x[share], y[share], ids[share], nus, start)))
+    handover = CoreHandover(rank, procs, Path(cores))
+    out.put((rank, run_share(args, model, x[share], y[share], ids[share], nus, start, handover)))
 
 
 def run_procs(args: argparse.Namespace, procs: int, nus: dict[str, float]) -> list[dict[str, Any]]:
@@ -185,7 +204,8 @@ def run_procs(args: argparse.Namespace, procs: int, nus: dict[str, float]) -> li
     ctx = mp.get_context("spawn")  # a forked OpenMP runtime can hang; spawn starts clean
     threads = max(1, torch.get_num_threads() // procs)
     start, out = ctx.Barrier(procs), ctx.Queue()
-    ps = [ctx.Process(target=_worker, args=(r, procs, threads, args, nus, start, out))
+    cores = tempfile.mkdtemp(prefix="rfd-bench-cores-")
+    ps = [ctx.Process(target=_worker, args=(r, procs, threads, args, nus, start, out, cores))
           for r in range(procs)]  # fmt: skip
     for p in ps:
         p.start()
@@ -206,6 +226,7 @@ def run_procs(args: argparse.Namespace, procs: int, nus: dict[str, float]) -> li
             if len(shares) < procs:
                 p.terminate()  # a failed run: the others may wait at the start barrier forever
             p.join()
+        shutil.rmtree(cores, ignore_errors=True)
     return [shares[r] for r in range(procs)]
 
 
@@ -310,7 +331,7 @@ def report(args: argparse.Namespace, shares: list[dict[str, Any]], single: float
         qps = float(used[sel].sum()) / seconds if seconds else float("nan")
         print(f"{name:22s} {robust:7.3f} {st['fill_sum'] / fw:6.3f} {fw:9d} {qps:9.0f}")
     n_probes = sum(len(s["probe_times"]) for s in shares)
-    if procs > 1:  # a process that ends early leaves its core idle for the rest of the grid
+    if procs > 1:  # a process that ends early hands its core to the others (CoreHandover)
         ends = ", ".join(f"{s['t1'] - t0 - s['probe_spent']:.1f}" for s in shares)
         print(f"processes done after {ends} s")
     print(f"wall {wall:.1f} s, {forwards} forwards, {rows} rows ({charged} charged, {verify} "

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -118,6 +121,73 @@ def clean_passes(
     return clean, acc / torch.tensor(passes, device=x.device).view(-1, 1)
 
 
+class CoreHandover:
+    """Hands the cores of a CPU process that has finished its share to the processes still
+    attacking.
+
+    A CPU run over several processes gives each the same share of the cores (one thread each,
+    on a machine with a core per process). The shares of images never cost exactly the same, so
+    one process ends first and its cores would idle until the last one ends. Each process marks
+    its end with a file in a folder all of them share; the others look every ``every`` forwards
+    and split the freed cores between them (``torch.set_num_threads``). Threads change speed,
+    never results: forwards of rows are per row, and every draw is keyed.
+
+    Args:
+        rank, world: this process and how many share the machine.
+        where: a folder shared by the processes of this run alone.
+        every: forwards between looks (a look is ``world - 1`` file checks).
+    """
+
+    def __init__(self, rank: int, world: int, where: Path, every: int = 8) -> None:
+        self.rank, self.world, self.where, self.every = rank, world, Path(where), every
+        self.base = torch.get_num_threads()
+        self.done = 0
+        self._calls = 0
+
+    def poll(self, _: object = None) -> None:
+        """After a forward: take a share of the cores of the processes that have ended."""
+        self._calls += 1
+        if self._calls % self.every:
+            return
+        done = sum((self.where / f"done.{p}").exists() for p in range(self.world) if p != self.rank)
+        if done != self.done:
+            self.done = done
+            torch.set_num_threads(self.base * self.world // (self.world - done))
+
+    def finish(self) -> None:
+        """This process has ended: its cores are free (and it goes back to its own share)."""
+        (self.where / f"done.{self.rank}").touch()
+        torch.set_num_threads(self.base)
+
+    @classmethod
+    @contextlib.contextmanager
+    def for_ranks(cls, device: torch.device) -> Iterator[CoreHandover | None]:
+        """A handover between the ranks of this DDP run (CPU, more than one rank; else None):
+        rank 0 makes the shared folder, and removes it once every rank has ended."""
+        dist = torch.distributed
+        if device.type != "cpu" or not (dist.is_available() and dist.is_initialized()):
+            yield None
+            return
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world == 1:
+            yield None
+            return
+        name = [f"rfd-cores-{uuid.uuid4().hex}" if rank == 0 else ""]
+        dist.broadcast_object_list(name, src=0)
+        where = Path(tempfile.gettempdir()) / name[0]
+        if rank == 0:
+            where.mkdir()
+        dist.barrier()
+        handover = cls(rank, world, where)
+        try:
+            yield handover
+        finally:
+            handover.finish()
+        dist.barrier()  # every rank has ended: the folder is no longer read
+        if rank == 0:
+            shutil.rmtree(where, ignore_errors=True)
+
+
 class GridEvaluation(L.LightningModule):
     """Attack this rank's images under every cell of one model's grid, in shared forwards.
 
@@ -185,34 +255,35 @@ class GridEvaluation(L.LightningModule):
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(working)
-        if jobs:
-            cells = [
-                Cell(
-                    c.model,
-                    c.attack,
-                    c.eps,
-                    c.max_queries,
-                    c.criterion,
-                    c.eot,
-                    c.seed,
-                    name=c.name,
-                    success=c.success,
-                )
-                for c in self.cells
-            ]
-            engine = Engine(
-                self.batch_size, progress=self.progress if self.global_rank == 0 else None,
-                bpda=self.bpda, **self.forward_kw,
-            )  # fmt: skip
-            writer = _Writer(self, cells, clean, defended, which, y, ids, int(working.item()))
-            try:
-                run = engine.run(cells, x, y, ids=ids, jobs=torch.tensor(jobs, device=x.device),
-                                 on_done=writer.done, keep_adv=writer.detecting)  # fmt: skip
-            except BaseException:  # interrupted: keep every finished job, then stop
-                if writer.run is not None:
-                    writer.flush(writer.run)
-                raise
-            writer.flush(run)
+        # every rank enters (the handover's setup is collective), a rank without work too: its
+        # cores go to the others at once
+        with CoreHandover.for_ranks(x.device) as handover:
+            if jobs:
+                cells = [
+                    Cell(
+                        c.model,
+                        c.attack,
+                        c.eps,
+                        c.max_queries,
+                        c.criterion,
+                        c.eot,
+                        c.seed,
+                        name=c.name,
+                        success=c.success,
+                    )
+                    for c in self.cells
+                ]
+                writer = _Writer(self, cells, clean, defended, which, y, ids, int(working.item()))
+                engine = Engine(self.batch_size, progress=self._progress_for(handover),
+                                bpda=self.bpda, **self.forward_kw)  # fmt: skip
+                try:
+                    run = engine.run(cells, x, y, ids=ids, jobs=torch.tensor(jobs, device=x.device),
+                                     on_done=writer.done, keep_adv=writer.detecting)  # fmt: skip
+                except BaseException:  # interrupted: keep every finished job, then stop
+                    if writer.run is not None:
+                        writer.flush(writer.run)
+                    raise
+                writer.flush(run)
         for ci, c in enumerate(self.cells):  # the torchmetrics view, synced across ranks
             rows = self.records[c.name]
             # every rank updates every metric, with nothing if it had no work left (a resumed
@@ -223,6 +294,20 @@ class GridEvaluation(L.LightningModule):
                 device=x.device,
             )
             self.robust_acc[ci].update(val, idx)
+
+    def _progress_for(self, handover: CoreHandover | None) -> Callable[[Progress], None] | None:
+        """The engine's per-forward callback: the progress bar (rank 0) and the core handover."""
+        bar = self.progress if self.global_rank == 0 else None
+        if handover is None:
+            return bar
+        if bar is None:
+            return handover.poll
+
+        def both(p: Progress) -> None:
+            handover.poll()
+            bar(p)
+
+        return both
 
     def on_test_epoch_end(self) -> None:
         for ci, c in enumerate(self.cells):  # IndexedMean syncs across ranks itself

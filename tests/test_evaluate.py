@@ -352,6 +352,34 @@ def _finish(p: subprocess.Popen) -> None:
     assert p.returncode == 0, err[-3000:]
 
 
+def test_core_handover_gives_a_finished_process_cores_to_the_others(tmp_path: Path) -> None:
+    """Three processes of one thread: when one ends, the two left take 3 // 2 threads each; when
+    this one ends it goes back to its own share and marks its end for the others."""
+    from rfd.evaluation import CoreHandover
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        h = CoreHandover(rank=0, world=3, where=tmp_path, every=4)
+        for _ in range(8):
+            h.poll()
+        assert torch.get_num_threads() == 1 and h.done == 0
+        (tmp_path / "done.2").touch()
+        for _ in range(3):  # looks only every 4 forwards
+            h.poll()
+        assert torch.get_num_threads() == 1
+        h.poll()
+        assert h.done == 1 and torch.get_num_threads() == 1  # 3 // 2: no whole core to share
+        (tmp_path / "done.1").touch()
+        for _ in range(4):
+            h.poll()
+        assert h.done == 2 and torch.get_num_threads() == 3  # alone: every core
+        h.finish()
+        assert torch.get_num_threads() == 1 and (tmp_path / "done.0").exists()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 def test_ddp_with_2_and_3_processes_gives_the_results_of_one(model_args, tmp_path: Path) -> None:
     """Every random number is keyed by (seed, image, query): the rank an image lands on, and the
