@@ -22,7 +22,9 @@ the engine's own work leaves cold, then slows both sides of the ratio alike.
 cores ÷ N threads each, every one an engine over its share of the images (results are the same
 as one process's: randomness is keyed by image and query). On a small model one process leaves a
 core idle while the engine does its small tensor ops, and two threads speed a forward up by far
-less than 2×, so one process per core finishes sooner. The efficiency is then taken against the
+less than 2×, so one process per core finishes sooner. A process that ends first hands its core
+to the others (``rfd.evaluation.CoreHandover``, as ``evaluate.py`` does); probes are not taken
+on the extra threads. The efficiency is then taken against the
 fastest plain forwards seen: the layout's own (each process's in-run probes, N processes
 forwarding side by side) or one process with every thread (timed before the grid), whichever
 is faster, so that a layout cannot look efficient by making forwards slower.
