@@ -154,13 +154,7 @@ def run_share(args: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor,
             probe.time_one()
         probe.times.clear()
         probe.spent = 0.0
-        progress = probe
-        if handover is not None:
-
-            def progress(p: object) -> None:
-                handover.poll()
-                probe(p)
-
+        progress = probe if handover is None else handover.wrap(probe)
         engine = Engine(args.batch, progress=progress, **fw)
         if start is not None:
             start.wait()

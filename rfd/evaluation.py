@@ -144,7 +144,7 @@ class CoreHandover:
         self.done = 0
         self._calls = 0
 
-    def poll(self, _: object = None) -> None:
+    def poll(self) -> None:
         """After a forward: take a share of the cores of the processes that have ended."""
         self._calls += 1
         if self._calls % self.every:
@@ -153,6 +153,16 @@ class CoreHandover:
         if done != self.done:
             self.done = done
             torch.set_num_threads(self.base * self.world // (self.world - done))
+
+    def wrap(self, progress: Callable[[Progress], None] | None) -> Callable[[Progress], None]:
+        """An engine progress callback that polls first, then calls ``progress`` (if any)."""
+
+        def poll_then(p: Progress) -> None:
+            self.poll()
+            if progress is not None:
+                progress(p)
+
+        return poll_then
 
     def finish(self) -> None:
         """This process has ended: its cores are free (and it goes back to its own share)."""
@@ -274,8 +284,10 @@ class GridEvaluation(L.LightningModule):
                     for c in self.cells
                 ]
                 writer = _Writer(self, cells, clean, defended, which, y, ids, int(working.item()))
-                engine = Engine(self.batch_size, progress=self._progress_for(handover),
-                                bpda=self.bpda, **self.forward_kw)  # fmt: skip
+                bar = self.progress if self.global_rank == 0 else None
+                progress = bar if handover is None else handover.wrap(bar)
+                engine = Engine(self.batch_size, progress=progress, bpda=self.bpda,
+                                **self.forward_kw)  # fmt: skip
                 try:
                     run = engine.run(cells, x, y, ids=ids, jobs=torch.tensor(jobs, device=x.device),
                                      on_done=writer.done, keep_adv=writer.detecting)  # fmt: skip
@@ -294,20 +306,6 @@ class GridEvaluation(L.LightningModule):
                 device=x.device,
             )
             self.robust_acc[ci].update(val, idx)
-
-    def _progress_for(self, handover: CoreHandover | None) -> Callable[[Progress], None] | None:
-        """The engine's per-forward callback: the progress bar (rank 0) and the core handover."""
-        bar = self.progress if self.global_rank == 0 else None
-        if handover is None:
-            return bar
-        if bar is None:
-            return handover.poll
-
-        def both(p: Progress) -> None:
-            handover.poll()
-            bar(p)
-
-        return both
 
     def on_test_epoch_end(self) -> None:
         for ci, c in enumerate(self.cells):  # IndexedMean syncs across ranks itself

@@ -371,8 +371,11 @@ def test_core_handover_gives_a_finished_process_cores_to_the_others(tmp_path: Pa
         h.poll()
         assert h.done == 1 and torch.get_num_threads() == 1  # 3 // 2: no whole core to share
         (tmp_path / "done.1").touch()
-        for _ in range(4):
-            h.poll()
+        seen: list[object] = []
+        progress = h.wrap(seen.append)  # the engine's callback: poll, then the caller's own
+        for k in range(4):
+            progress(k)
+        assert seen == [0, 1, 2, 3]
         assert h.done == 2 and torch.get_num_threads() == 3  # alone: every core
         h.finish()
         assert torch.get_num_threads() == 1 and (tmp_path / "done.0").exists()
