@@ -241,6 +241,17 @@ class KeyedRNG:
     def __getitem__(self, idx: Tensor) -> KeyedRNG:
         return KeyedRNG(self.keys[idx], self.offset)
 
+    def streams(self, which: Tensor, *names: str) -> KeyedRNG:
+        """Row ``a`` of ``stream(names[which[a]])``, for rows that each draw from one of several
+        named streams (images in different phases of an attack): one hash pass over all rows
+        instead of one per stream on gathered subsets. A named stream shifts the counter by a
+        constant, and the shift folds into the row's key (int64 addition wraps like the
+        counter's), so the words are exactly those of the stream. Draw from the result; do not
+        derive further streams from it."""
+        offsets = [self.stream(n).offset for n in names]
+        shift = torch.tensor(offsets, dtype=torch.int64, device=self.keys.device)
+        return KeyedRNG(self.keys + shift.index_select(0, which.long()), 0)
+
     def _words(self, n: int) -> Tensor:
         return _bits(self.keys, n, self.offset)
 
@@ -293,6 +304,17 @@ class KeyedRNG:
         """Fair 0/1 draws as floats (the cheap form of random signs)."""
         s = _shape(shape)
         return _field(self._words(math.prod(s)), 63, 1, 1.0, dtype).view(len(self), *s)
+
+    def uniform_and_bits01(
+        self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """``(uniform(shape), bits01(shape))`` from one hash pass. Both read the same words, so
+        they are not independent: use each on different rows (rows of :meth:`streams` that draw
+        signs from one stream and uniforms from another)."""
+        s = _shape(shape)
+        words = self._words(math.prod(s))
+        u = _field(words, 40, 24, _U24, dtype).view(len(self), *s)
+        return u, _field(words, 63, 1, 1.0, dtype).view(len(self), *s)
 
     def bernoulli(self, p: Tensor) -> Tensor:
         """Booleans that are True with probability ``p`` (shaped ``(A, ...)``, per element)."""

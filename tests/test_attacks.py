@@ -389,45 +389,81 @@ def test_decision_attacks_see_no_scores_and_outside_points_do_not_count():
     assert not res.success.any()
 
 
+def _signflip_case(a: int, init_rows: int = 0):
+    """A SignFlip state of ``a`` images alternating PROJECT and FLIP, after ``init_rows`` images
+    still in INIT (which make propose and observe take the per-phase path)."""
+    from rfd.attacks import View
+    from rfd.attacks.signflip import FLIP, INIT, PROJECT, SignFlip
+    from rfd.rng import KeyedRNG, row_keys
+
+    n = a + init_rows
+    x0 = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    z = torch.zeros(n, dtype=torch.long)
+    view = View(x0, 0.1, "linf", 100, z + 50, z + 20, KeyedRNG(row_keys(5, torch.arange(n))))
+    sf = SignFlip()
+    state = sf.init(view)
+    state["phase"] = torch.tensor([INIT] * init_rows + [PROJECT, FLIP] * (a // 2))
+    state["delta"] = (torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5) / 20
+    state["prob"] = torch.full_like(x0, 0.9)  # many flips, so that the draws are visible
+    state["count"] = (torch.arange(n) + 7) % 10  # some flip images adapt at this step
+    state["acc_flip"] = (torch.arange(n) % 9).float()
+    return sf, view, state
+
+
 def test_signflip_observes_the_very_draw_it_proposed():
     """Images in the projection and the flip phase step together; each phase's random draw is
     made once, in propose, and observe applies exactly that draw to the accepted images."""
-    from rfd.attacks import View
-    from rfd.attacks.signflip import FLIP, PROJECT, SignFlip
-    from rfd.rng import KeyedRNG, row_keys
+    from rfd.attacks.signflip import FLIP, PROJECT
 
     a = 6
-    x0 = torch.rand(a, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
-    z = torch.zeros(a, dtype=torch.long)
-    view = View(x0, 0.1, "linf", 100, z + 50, z + 20, KeyedRNG(row_keys(5, torch.arange(a))))
-    sf = SignFlip()
-    state = sf.init(view)
-    state["phase"] = torch.tensor([PROJECT, FLIP] * 3)
-    state["delta"] = (torch.rand(a, 1, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5) / 20
-    state["prob"] = torch.full_like(x0, 0.9)  # many flips, so that the draws are visible
+    sf, view, state = _signflip_case(a)
+    x0 = view.x0
     q = sf.propose(view, state)
-    draw, delta = state["draw"], state["delta"]
+    draw, delta, flips = state["draw"], state["delta"], state["flips"]
     p, f = slice(0, a, 2), slice(1, a, 2)
-    assert torch.equal(q[p], (x0[p] + draw[p]).clamp(0, 1))
-    assert torch.equal(q[f], (x0[f] + delta[f] * draw[f]).clamp(0, 1))
-    assert set(draw[f].unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(q, (x0 + draw).clamp(0, 1))
+    assert torch.equal(draw[f], delta[f] * flips[f])
+    assert set(flips[f].unique().tolist()) == {-1.0, 1.0}
     # the projection phase's draw moves each coordinate by alpha inside the shrunk ball
     radius = delta[p].flatten(1).abs().amax(1) - sf.alpha
     assert (draw[p].flatten(1).abs().amax(1) <= radius + 1e-7).all()
     # a phase's draw depends on its own rows' keys only: stepping one phase alone draws the same
-    alone = {k: t[p] for k, t in state.items() if k != "draw"}
-    sf.propose(view.subset(torch.arange(0, a, 2)), alone)
-    assert torch.equal(alone["draw"], draw[p])
+    for rows in (p, f):
+        alone = {k: t[rows] for k, t in state.items() if k not in ("draw", "flips")}
+        sf.propose(view.subset(torch.arange(a)[rows]), alone)
+        assert torch.equal(alone["draw"], draw[rows])
     ok = torch.tensor([True, True, False, False, True, True]).view(a, 1)
     new = sf.observe(view, state, rfd.attacks.Reply(ok, q.unsqueeze(1)))
     acc_p, acc_f = torch.tensor([0, 4]), torch.tensor([1, 5])
     assert torch.equal(new["delta"][acc_p], draw[acc_p])
-    assert torch.equal(new["delta"][acc_f], delta[acc_f] * draw[acc_f])
+    assert torch.equal(new["delta"][acc_f], delta[acc_f] * flips[acc_f])
     assert torch.equal(new["delta"][2:4], delta[2:4])  # rejected: unchanged
     assert torch.equal(new["phase"], torch.tensor([FLIP, PROJECT] * 3))
     # only accepted flips move the flip probabilities (by 1e-4 against each coordinate's sign)
     moved = (new["prob"] - state["prob"]).flatten(1).abs().amax(1)
     assert (moved[acc_f] > 0).all() and (moved[[0, 2, 3, 4]] == 0).all()
+
+
+def test_signflip_steady_steps_match_the_per_phase_steps():
+    """Once every image alternates PROJECT and FLIP, SignFlip steps them with full-width masked
+    ops; with one image still in INIT it steps each phase on its own images. Both must give
+    every image the same candidate and the same new state, bit for bit."""
+    a = 8
+    sf, view, state = _signflip_case(a, init_rows=1)
+    rows = torch.arange(1, a + 1)
+    steady = {k: t[rows] for k, t in state.items()}
+    ok = torch.tensor([True, False] * 4 + [True]).roll(1)  # accepted and rejected in each phase
+    q = sf.propose(view, state)
+    new = sf.observe(view, state, rfd.attacks.Reply(ok.view(-1, 1), q.unsqueeze(1)))
+    assert "flips" not in state  # the per-phase path
+    sub = view.subset(rows)
+    q_s = sf.propose(sub, steady)
+    new_s = sf.observe(sub, steady, rfd.attacks.Reply(ok[rows].view(-1, 1), q_s.unsqueeze(1)))
+    assert "flips" in steady
+    assert torch.equal(q_s, q[rows])
+    for k, t in new_s.items():
+        assert torch.equal(t, (new[k] if k in new else state[k])[rows]), k
+    assert (new_s["alpha"] != steady["alpha"]).any()  # the adapting images were exercised
 
 
 def test_l2_projection_and_exactness_inside():

@@ -179,6 +179,22 @@ def test_keyed_rng_is_a_function_of_the_key_alone():
     assert torch.equal(r.keys, keys)
 
 
+def test_keyed_rng_per_row_streams_give_each_row_its_streams_numbers():
+    """``streams`` draws row a from stream names[which[a]] in one pass: the very numbers each
+    stream gives that row, whatever the other rows draw; ``uniform_and_bits01`` reads both kinds
+    from one pass."""
+    r = KeyedRNG(row_keys(3, torch.arange(7))).stream("outer")
+    which = torch.tensor([0, 1, 1, 0, 2, 0, 1])
+    names = ("a", "b", "c")
+    mixed = r.streams(which, *names)
+    u, bits = mixed.uniform_and_bits01((3, 4))
+    for a, w in enumerate(which.tolist()):
+        one = r.stream(names[w])
+        assert torch.equal(mixed.normal(5)[a], one.normal(5)[a])
+        assert torch.equal(u[a], one.uniform((3, 4))[a])
+        assert torch.equal(bits[a], one.bits01((3, 4))[a])
+
+
 def test_keyed_rng_streams_are_pinned():
     """The draws are part of every stored result (a resumed folder appends to records made
     with them): a faster formula must give the same float32 bits, pinned here."""

@@ -109,6 +109,8 @@ class SignFlip(Attack):
         return view.rng.stream("flip").bernoulli(s["prob"]).to(s["delta"].dtype) * 2 - 1
 
     def propose(self, view: View, state: State) -> Tensor:
+        if int(state["phase"].min()) >= PROJECT:
+            return self._propose_steady(view, state)
         out, draw = torch.empty_like(view.x0), None
         for ph, m in phase_rows(state["phase"]):
             v, s = (view, Rows(state, None)) if m is None else (view.subset(m), Rows(state, m))
@@ -135,10 +137,61 @@ class SignFlip(Attack):
             state["draw"] = draw
         return out
 
+    def _propose_steady(self, view: View, state: State) -> Tensor:
+        """Every image alternating PROJECT and FLIP (the rest of the run after the search):
+        both candidates from one hash pass and one set of full-width ops instead of gathering
+        each phase's images. Each image gets the numbers and the candidate its phase's own
+        branch of :meth:`propose` gives, bit for bit."""
+        delta, flip = state["delta"], state["phase"] == FLIP
+        rng = view.rng.streams(flip, "sign", "flip")
+        u, bits = rng.uniform_and_bits01(delta.shape[1:], delta.dtype)
+        alpha = state["alpha"].view(-1, 1, 1, 1)
+        radius = (delta.flatten(1).abs().amax(1).view(-1, 1, 1, 1) - alpha).clamp(min=0)
+        projected = torch.maximum(torch.minimum(delta + (bits * 2 - 1) * alpha, radius), -radius)
+        flips = (u < state["prob"]).to(delta.dtype) * 2 - 1
+        draw = select(flip, delta * flips, projected)
+        state["draw"], state["flips"] = draw, flips
+        return (view.x0 + draw).clamp(0.0, 1.0)
+
+    def _observe_steady(self, state: State, ok: Tensor) -> State:
+        """:meth:`observe` after :meth:`_propose_steady`: the PROJECT and FLIP updates as masked
+        full-width ops (each image's values are those of its phase's own update)."""
+        flip = state["phase"] == FLIP
+        flips, delta, prob = state["flips"], state["delta"], state["prob"]
+        ok_flip = ok & flip
+        acc_proj = state["acc_proj"] + (ok & ~flip)
+        acc_flip = state["acc_flip"] + ok_flip
+        it = state["count"] + flip
+        adapt = flip & (it % int(self.adapt_every) == 0)
+        lo, hi = self.prob_min, self.prob_max
+        acc, ad = ok_flip.nonzero()[:, 0], adapt.nonzero()[:, 0]
+        if acc.numel() or ad.numel():
+            prob = prob.clone()
+        if acc.numel():
+            put(prob, acc, (take(prob, acc) - take(flips, acc) * 1e-4).clamp(lo, hi))
+        rate_p, rate_f = acc_proj / self.adapt_every, acc_flip / self.adapt_every
+        if ad.numel():
+            shift = (rate_f < 0.3).to(prob.dtype) * 1e-3 - (rate_f > 0.7).to(prob.dtype) * 1e-3
+            put(prob, ad, (take(prob, ad) + take(shift, ad).view(-1, 1, 1, 1)).clamp(lo, hi))
+        alpha = state["alpha"]
+        new_alpha = torch.where(rate_p > 0.7, alpha * 1.5, alpha)
+        new_alpha = torch.where(rate_p < 0.3, new_alpha / 1.5, new_alpha)
+        return {
+            "delta": select(ok, state["draw"], delta),
+            "prob": prob,
+            "alpha": torch.where(adapt, new_alpha, alpha),
+            "acc_proj": torch.where(adapt, 0.0, acc_proj),
+            "acc_flip": torch.where(adapt, 0.0, acc_flip),
+            "count": it,
+            "phase": torch.where(flip, PROJECT, FLIP),
+        }
+
     def observe(self, view: View, state: State, reply: Reply) -> State:
         # Each phase updates only its own images and only the keys it changes; a key is copied
         # (once) the first time a phase writes it, so steady-state steps never copy ``xa``.
         ok, xq = reply.adversarial[:, 0], reply.x[:, 0]
+        if "flips" in state:
+            return self._observe_steady(state, ok)
         steps = (self._after_init, self._after_search, self._after_project, self._after_flip)
         out: State = {}
         for ph, m in phase_rows(state["phase"]):
