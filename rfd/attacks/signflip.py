@@ -157,31 +157,15 @@ class SignFlip(Attack):
         """:meth:`observe` after :meth:`_propose_steady`: the PROJECT and FLIP updates as masked
         full-width ops (each image's values are those of its phase's own update)."""
         flip = state["phase"] == FLIP
-        flips, delta, prob = state["flips"], state["delta"], state["prob"]
-        ok_flip = ok & flip
         acc_proj = state["acc_proj"] + (ok & ~flip)
-        acc_flip = state["acc_flip"] + ok_flip
+        acc_flip = state["acc_flip"] + (ok & flip)
         it = state["count"] + flip
         adapt = flip & (it % int(self.adapt_every) == 0)
-        lo, hi = self.prob_min, self.prob_max
-        acc, ad = ok_flip.nonzero()[:, 0], adapt.nonzero()[:, 0]
-        if acc.numel() or ad.numel():
-            prob = prob.clone()
-        if acc.numel():
-            put(prob, acc, (take(prob, acc) - take(flips, acc) * 1e-4).clamp(lo, hi))
-        rate_p, rate_f = acc_proj / self.adapt_every, acc_flip / self.adapt_every
-        if ad.numel():
-            shift = (rate_f < 0.3).to(prob.dtype) * 1e-3 - (rate_f > 0.7).to(prob.dtype) * 1e-3
-            put(prob, ad, (take(prob, ad) + take(shift, ad).view(-1, 1, 1, 1)).clamp(lo, hi))
-        alpha = state["alpha"]
-        new_alpha = torch.where(rate_p > 0.7, alpha * 1.5, alpha)
-        new_alpha = torch.where(rate_p < 0.3, new_alpha / 1.5, new_alpha)
         return {
-            "delta": select(ok, state["draw"], delta),
-            "prob": prob,
-            "alpha": torch.where(adapt, new_alpha, alpha),
-            "acc_proj": torch.where(adapt, 0.0, acc_proj),
-            "acc_flip": torch.where(adapt, 0.0, acc_flip),
+            "delta": select(ok, state["draw"], state["delta"]),
+            **self._adapt(
+                state["prob"], state["flips"], ok & flip, adapt, acc_proj, acc_flip, state["alpha"]
+            ),
             "count": it,
             "phase": torch.where(flip, PROJECT, FLIP),
         }
@@ -241,14 +225,29 @@ class SignFlip(Attack):
 
     def _after_flip(self, view: View, s: Rows, ok: Tensor, x: Tensor) -> State:
         # 4. flip the signs of a few random coordinates; adapt every `adapt_every` iterations
-        flips, delta, prob = s["draw"], s["delta"], s["prob"]
-        acc_proj, acc_flip = s["acc_proj"], s["acc_flip"] + ok
-        alpha, it = s["alpha"], s["count"] + 1
+        flips, delta = s["draw"], s["delta"]
+        it = s["count"] + 1
         adapt = it % int(self.adapt_every) == 0
+        return {
+            "delta": select(ok, delta * flips, delta),
+            **self._adapt(
+                s["prob"], flips, ok, adapt, s["acc_proj"], s["acc_flip"] + ok, s["alpha"]
+            ),
+            "count": it,
+            "phase": torch.full_like(s["phase"], PROJECT),
+        }
+
+    def _adapt(
+        self, prob: Tensor, flips: Tensor, accepted: Tensor, adapt: Tensor, acc_proj: Tensor,
+        acc_flip: Tensor, alpha: Tensor,
+    ) -> State:  # fmt: skip
+        """The flip step's adaptation: ``accepted`` images move their flip probabilities against
+        the signs they flipped; ``adapt`` images (every ``adapt_every`` iterations) shift them and
+        alpha by the acceptance rates, then restart their counts."""
         lo, hi = self.prob_min, self.prob_max
         # only accepted images move their flip probabilities, and only adapting ones shift them
         # (the others would add an exact zero and clamp values already inside the bounds)
-        acc, ad = ok.nonzero()[:, 0], adapt.nonzero()[:, 0]
+        acc, ad = accepted.nonzero()[:, 0], adapt.nonzero()[:, 0]
         if acc.numel() or ad.numel():
             prob = prob.clone()
         if acc.numel():
@@ -260,13 +259,10 @@ class SignFlip(Attack):
         new_alpha = torch.where(rate_p > 0.7, alpha * 1.5, alpha)
         new_alpha = torch.where(rate_p < 0.3, new_alpha / 1.5, new_alpha)
         return {
-            "delta": select(ok, delta * flips, delta),
             "prob": prob,
             "alpha": torch.where(adapt, new_alpha, alpha),
             "acc_proj": torch.where(adapt, 0.0, acc_proj),
             "acc_flip": torch.where(adapt, 0.0, acc_flip),
-            "count": it,
-            "phase": torch.full_like(s["phase"], PROJECT),
         }
 
 
