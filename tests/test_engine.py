@@ -125,6 +125,32 @@ def test_row_forward_applies_each_plan_to_its_rows_only(data):
     assert not any(m._forward_hooks for m in net.modules())
 
 
+def test_row_forward_draws_feature_noise_ahead_and_compiles_on_cpu(data, monkeypatch):
+    """From the second call on, feature noise is drawn before the forward (the layer's shape is
+    known by then): the same draws as in the hook. A compiled model traces its noise hooks, and
+    the keyed draw (numpy words on CPU) must stay out of the trace (dynamo failed on it)."""
+    import functools
+
+    net, x, _ = data
+    plans = [rfd.protect(net, "none"), rfd.protect(net, "input", nu=0.05, seed=1),
+             rfd.protect(net, "feature", nu=0.5, seed=1)]  # fmt: skip
+    plan, keys = torch.arange(12) % 3, row_keys(9, torch.arange(12))
+    with torch.no_grad():
+        fresh = RowForward(net, plans)(x, plan, keys)  # drawn in the hook
+        fw = RowForward(net, plans)
+        with fw:
+            fw(x[:5], plan[:5], keys[:5])
+            assert torch.equal(fw(x, plan, keys), fresh)  # drawn ahead
+        # the graph breaks of tracing are what this checks; the eager backend skips the C++ build
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+        torch._dynamo.reset()
+        compiled = RowForward(net, plans, compile=True)
+        with compiled:
+            for _ in range(2):
+                assert torch.allclose(compiled(x, plan, keys), fresh, atol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_precision_bf16_runs_and_stays_close(data):
     net, x, y = data
     d = rfd.protect(net, "feature", nu=0.3, seed=0)

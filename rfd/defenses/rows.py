@@ -53,9 +53,14 @@ class NoiseSpec:
     scale: Tensor | None = None
 
 
+@torch.compiler.disable
 def unit_noise(rng: KeyedRNG, shape: Sequence[int], dist: str, dtype: torch.dtype) -> Tensor:
     """Zero-mean, unit-std noise per row; Laplace has the same standard deviation as Gaussian,
-    so ``nu`` means the same thing for both."""
+    so ``nu`` means the same thing for both.
+
+    Never traced by ``torch.compile`` (a compiled model runs its noise hooks inside the graph):
+    on CPU the keyed hash works on numpy words, which dynamo cannot trace, and the draw is eager
+    code either way, so the compiled graph breaks around it."""
     z = rng.normal(shape) if dist == "gaussian" else rng.laplace(shape)
     return z.to(dtype)
 
