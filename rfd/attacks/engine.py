@@ -405,9 +405,10 @@ class EngineRun:
         return stack
 
     # ------------------------------------------------------------------------------ helpers
-    def _remaining(self, lane: _Lane, g: Tensor) -> Tensor:
-        """Queries jobs ``g`` may still send (EOT samples divided out)."""
-        left = lane.budget - take(self.used, g)
+    def _remaining(self, lane: _Lane, g: Tensor, used: Tensor | None = None) -> Tensor:
+        """Queries jobs ``g`` may still send (EOT samples divided out); ``used``: their charged
+        counts, when the caller has gathered them already."""
+        left = lane.budget - (take(self.used, g) if used is None else used)
         return left if lane.eot == 1 else left // lane.eot
 
     @staticmethod
@@ -416,8 +417,8 @@ class EngineRun:
         the image), unless EOT samples already give two forwards to compare."""
         return 1 if ex.opaque and lane.eot == 1 else 0
 
-    def _view(self, lane: _Lane, g: Tensor, init: bool = False) -> View:
-        rem = self._remaining(lane, g)
+    def _view(self, lane: _Lane, g: Tensor, init: bool = False, used: Tensor | None = None) -> View:
+        rem = self._remaining(lane, g, used)
         step = take(self.steps, g)
         image = take(self.image, g)  # the originals and their box are gathered by it
 
@@ -573,14 +574,16 @@ class EngineRun:
         """The next step of jobs ``g``; ``n``: the queries each sends (``lane.attack.queries``
         of their remaining budget), None for a lane of one query per step (every live job can
         pay one: :meth:`_end_or_continue` ends the others)."""
-        view = self._view(lane, g)
+        used = take(self.used, g)  # read three times below and once more when the answers come
+        view = self._view(lane, g, used=used)
         if n is not None:
             if bool(((n < 1) | (n > view.remaining)).any()):
                 raise BudgetError(
                     f"attack {lane.attack.name!r} planned {n.tolist()} queries with "
                     f"{view.remaining.tolist()} left"
                 )
-        state = lane.read(take(self.slot, g))  # observe gets this very dict, with propose's scratch
+        slots = take(self.slot, g)
+        state = lane.read(slots)  # observe gets this very dict, with propose's scratch
         q = lane.attack.propose(view, state)
         if q.dim() == view.x0.dim():
             q = q.unsqueeze(1)
@@ -599,11 +602,9 @@ class EngineRun:
         # each query's number (the image's queries so far) and EOT sample key its noise, so a
         # query gets the same noise whatever it is packed with
         if r == 1:
-            valid, flat, gi, qnum = None, q[:, 0], g, take(self.used, g) // m + 1
+            valid, flat, gi, qnum = None, q[:, 0], g, (used + 1 if m == 1 else used // m + 1)
         else:
-            qnum = (take(self.used, g) // m).unsqueeze(1) + torch.arange(
-                1, r + 1, device=self.device
-            )
+            qnum = (used // m).unsqueeze(1) + torch.arange(1, r + 1, device=self.device)
             if bool((n == r).all()):  # every image sends all its rows: no masks, no copies
                 valid, flat = None, q.flatten(0, 1)
                 gi, qnum = g.repeat_interleave(r), qnum.view(-1)
@@ -618,7 +619,8 @@ class EngineRun:
             )
         sub = torch.arange(m, device=self.device).repeat(gi.shape[0] // m) if m > 1 else 0
         keys = self._noise_keys(gi, qnum, sub)
-        extra = {"view": view, "q": q, "n": n, "valid": valid, "inside": inside, "state": state}
+        extra = {"view": view, "q": q, "n": n, "valid": valid, "inside": inside, "state": state,
+                 "used": used, "slots": slots}  # fmt: skip
         ch = self._chunk("step", lane, g, flat, gi, keys, extra)
         if lane.grad:
             ch.grad = True
@@ -708,7 +710,7 @@ class EngineRun:
             labf[valid] = lab
         adversarial = labf != y.unsqueeze(1)
         fooled = adversarial if inside is None else adversarial & inside
-        used_before = take(self.used, g)
+        used_before = ch.extra["used"]  # the jobs were busy since: nothing else charged them
         self.used.index_add_(0, g, torch.full_like(g, m) if n is None else n * m)
         self.steps.index_add_(0, g, torch.ones_like(g))
         if lane.kind == "decision":
@@ -737,7 +739,7 @@ class EngineRun:
         # vote would observe exactly these answers if the vote failed, and one observation of
         # the whole chunk avoids gathering its state, view and answers into two subsets
         state = lane.attack.observe(view, ch.extra["state"], reply)
-        lane.write(take(self.slot, g), state)
+        lane.write(ch.extra["slots"], state)
         if not bool(hit.any()):
             self._end_or_continue(lane, g, view, state)
             return
@@ -747,8 +749,8 @@ class EngineRun:
             self.phase[gh] = VOTE
             done = take(state["done"], h) if "done" in state else None
             # the step's fooling queries are voted in query order until one is confirmed
-            extra = {"done": done, "rest": take(fooled, h), "q": take(q, h),
-                     "base": take(used_before, h)}  # fmt: skip
+            extra = {"done": done, "rest": take(fooled, h) if q.shape[1] > 1 else None,
+                     "q": take(q, h), "base": take(used_before, h)}  # fmt: skip
             self._vote_first(lane, gh, extra)
         else:
             first = take(fooled, h).int().argmax(1)  # argmax returns the first fooling query
@@ -757,17 +759,20 @@ class EngineRun:
 
     def _vote_first(self, lane: _Lane, g: Tensor, extra: dict[str, Any]) -> None:
         """Vote the first fooling query left in each job's step: ``extra["rest"]`` (A, R) marks
-        the step's fooling queries not voted yet, ``extra["q"]`` (A, R, ...) holds them."""
+        the step's fooling queries not voted yet (None for steps of one query: it is the one to
+        vote, and none is left after it), ``extra["q"]`` (A, R, ...) holds them."""
         m, rest, base = lane.eot, extra["rest"], extra["base"]
-        if rest.shape[1] == 1:  # one query per step: it is the one to vote, none is left after
-            first, pts = torch.zeros_like(base), extra["q"][:, 0]
-            rest = torch.zeros_like(rest)
-        else:
-            rest = rest.clone()
-            first = rest.int().argmax(1)  # argmax returns the first True
-            rows = torch.arange(g.shape[0], device=g.device)
-            rest[rows, first] = False
-            pts = extra["q"][rows, first]
+        if rest is None:
+            at = base + m
+            extra = {**extra, "fooled_at": at}
+            query = at if m == 1 else base // m + 1  # the query's number (its noise key)
+            self._enqueue(self._vote_chunk("vote-step", lane, g, extra["q"][:, 0], query, extra))
+            return
+        rest = rest.clone()
+        first = rest.int().argmax(1)  # argmax returns the first True
+        rows = torch.arange(g.shape[0], device=g.device)
+        rest[rows, first] = False
+        pts = extra["q"][rows, first]
         extra = {**extra, "rest": rest, "fooled_at": base + (first + 1) * m}
         self._enqueue(self._vote_chunk("vote-step", lane, g, pts, base // m + first + 1, extra))
 
@@ -776,7 +781,7 @@ class EngineRun:
         fooling query vote it next; returns the rows whose step has none left. Voting only the
         first would drop later fooling queries of the step that were sent and charged."""
         rest = ch.extra["rest"]
-        if back.numel() == 0 or rest.shape[1] == 1:
+        if back.numel() == 0 or rest is None:
             return back
         more = rest[back].any(1)
         if not bool(more.any()):
