@@ -210,6 +210,16 @@ def _field(
     return t * scale if dtype == torch.float32 else t.to(dtype) * scale
 
 
+def _uniform_field(words: Tensor, dtype: torch.dtype) -> Tensor:
+    """U[0, 1) from the top 24 bits of each word (float32's mantissa)."""
+    return _field(words, 40, 24, _U24, dtype)
+
+
+def _bit_field(words: Tensor, dtype: torch.dtype) -> Tensor:
+    """0/1 from the top bit of each word."""
+    return _field(words, 63, 1, 1.0, dtype)
+
+
 def _shape(shape: Sequence[int] | int) -> tuple[int, ...]:
     return (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
 
@@ -261,7 +271,7 @@ class KeyedRNG:
         """U[0, 1) with 24 random bits (float32's mantissa), shaped ``(A, *shape)``."""
         s = _shape(shape)
         n = math.prod(s)
-        return _field(self._words(n), 40, 24, _U24, dtype).view(len(self), *s)
+        return _uniform_field(self._words(n), dtype).view(len(self), *s)
 
     def normal(self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32) -> Tensor:
         """N(0, 1) by Box-Muller: one 64-bit hash gives two 24-bit uniforms and two normals."""
@@ -303,7 +313,7 @@ class KeyedRNG:
     def bits01(self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32) -> Tensor:
         """Fair 0/1 draws as floats (the cheap form of random signs)."""
         s = _shape(shape)
-        return _field(self._words(math.prod(s)), 63, 1, 1.0, dtype).view(len(self), *s)
+        return _bit_field(self._words(math.prod(s)), dtype).view(len(self), *s)
 
     def uniform_and_bits01(
         self, shape: Sequence[int] | int = (), dtype: torch.dtype = torch.float32
@@ -313,8 +323,8 @@ class KeyedRNG:
         signs from one stream and uniforms from another)."""
         s = _shape(shape)
         words = self._words(math.prod(s))
-        u = _field(words, 40, 24, _U24, dtype).view(len(self), *s)
-        return u, _field(words, 63, 1, 1.0, dtype).view(len(self), *s)
+        u = _uniform_field(words, dtype).view(len(self), *s)
+        return u, _bit_field(words, dtype).view(len(self), *s)
 
     def bernoulli(self, p: Tensor) -> Tensor:
         """Booleans that are True with probability ``p`` (shaped ``(A, ...)``, per element)."""

@@ -100,10 +100,9 @@ class SignFlip(Attack):
         return view.rng.stream("init").uniform(view.x0.shape[1:], view.x0.dtype)
 
     def _projected(self, view: View, s: Rows) -> Tensor:
-        delta, alpha = s["delta"], s["alpha"].view(-1, 1, 1, 1)
-        sign = view.rng.stream("sign").bits01(delta.shape[1:], delta.dtype) * 2 - 1
-        radius = (delta.flatten(1).abs().amax(1).view(-1, 1, 1, 1) - alpha).clamp(min=0)
-        return torch.maximum(torch.minimum(delta + sign * alpha, radius), -radius)
+        delta = s["delta"]
+        bits = view.rng.stream("sign").bits01(delta.shape[1:], delta.dtype)
+        return _project_step(delta, s["alpha"], bits)
 
     def _flips(self, view: View, s: Rows) -> Tensor:
         return view.rng.stream("flip").bernoulli(s["prob"]).to(s["delta"].dtype) * 2 - 1
@@ -145,9 +144,7 @@ class SignFlip(Attack):
         delta, flip = state["delta"], state["phase"] == FLIP
         rng = view.rng.streams(flip, "sign", "flip")
         u, bits = rng.uniform_and_bits01(delta.shape[1:], delta.dtype)
-        alpha = state["alpha"].view(-1, 1, 1, 1)
-        radius = (delta.flatten(1).abs().amax(1).view(-1, 1, 1, 1) - alpha).clamp(min=0)
-        projected = torch.maximum(torch.minimum(delta + (bits * 2 - 1) * alpha, radius), -radius)
+        projected = _project_step(delta, state["alpha"], bits)
         flips = (u < state["prob"]).to(delta.dtype) * 2 - 1
         draw = select(flip, delta * flips, projected)
         state["draw"], state["flips"] = draw, flips
@@ -264,6 +261,14 @@ class SignFlip(Attack):
             "acc_proj": torch.where(adapt, 0.0, acc_proj),
             "acc_flip": torch.where(adapt, 0.0, acc_flip),
         }
+
+
+def _project_step(delta: Tensor, alpha: Tensor, bits: Tensor) -> Tensor:
+    """The PROJECT candidate: ``delta`` moved by +-alpha (the sign from 0/1 ``bits``), projected
+    into the Linf ball of radius ``|delta|_inf - alpha``."""
+    alpha = alpha.view(-1, 1, 1, 1)
+    radius = (delta.flatten(1).abs().amax(1).view(-1, 1, 1, 1) - alpha).clamp(min=0)
+    return torch.maximum(torch.minimum(delta + (bits * 2 - 1) * alpha, radius), -radius)
 
 
 def _toward(xa: Tensor, x0: Tensor, radius: Tensor) -> Tensor:

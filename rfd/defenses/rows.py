@@ -194,7 +194,7 @@ class RowForward:
                 return self(x, plan, keys, bpda)
         self._call = (plan, keys, {}, {})
         try:
-            self._draw_ahead(keys)
+            self._draw_ahead()
             if self.inputs:
                 x = x.clone()
                 for p in self.inputs:
@@ -228,19 +228,28 @@ class RowForward:
             self._call = None
             self._ahead.clear()
 
-    def _draw_ahead(self, keys: Tensor) -> None:
+    def _draw_ahead(self) -> None:
         """Draw the feature noise of this call before the forward, for layers whose output shape
         the last call saw: the same draws the hook would make (same keys, stream and shape), but
         made while the engine's small tensors are still in cache. Drawn inside the hook, right
         after the convolutions have evicted them, the same draw measured 2-3x slower."""
         for layer, shape in self._shapes.items():
             for p, spec in self.layers[layer]:
-                idx = self.rows_of(p)
-                if idx is not None and idx.numel() == 0:
-                    continue
-                k = keys if idx is None else take(keys, idx)
-                rng = KeyedRNG(k).stream(self._streams[layer])
-                self._ahead[(layer, p)] = unit_noise(rng, shape, spec.dist, torch.float32)
+                z = self._draw(p, spec, (self._streams[layer],), shape, torch.float32)
+                if z is not None:
+                    self._ahead[(layer, p)] = z
+
+    def _draw(
+        self, p: int, spec: NoiseSpec, stream: tuple[int, ...], shape: Sequence[int],
+        dtype: torch.dtype,
+    ) -> Tensor | None:  # fmt: skip
+        """Plan ``p``'s unit noise for its rows of the current call (None: it has none)."""
+        assert self._call is not None
+        idx, keys = self.rows_of(p), self._call[1]
+        if idx is not None and idx.numel() == 0:
+            return None
+        keys = keys if idx is None else take(keys, idx)
+        return unit_noise(KeyedRNG(keys).stream(*stream), shape, spec.dist, dtype)
 
     def _plain(self, x: Tensor) -> Tensor:
         """The base model alone on ``x`` (no row's noise hooks), in this executor's precision:
@@ -268,7 +277,7 @@ class RowForward:
             return None
         if not isinstance(out, Tensor):
             raise TypeError(f"layer {layer!r} returns {type(out).__name__}, not a tensor")
-        _, keys, _, calls = self._call
+        calls = self._call[3]
         # a module that runs twice in one forward (a shared block) gets fresh noise each time
         n = calls[layer] = calls.get(layer, -1) + 1
         stream = (self._streams[layer],) if n == 0 else (self._streams[layer], n)
@@ -276,15 +285,14 @@ class RowForward:
         if n == 0:
             self._shapes[layer] = shape
         for p, spec in self.layers[layer]:
-            idx = self.rows_of(p)
-            if idx is not None and idx.numel() == 0:
-                continue
             z = self._ahead.pop((layer, p), None) if n == 0 else None
             if z is not None and z.shape[1:] == shape:
                 z = z.to(out.dtype)  # unit_noise draws in float32 and converts the same way
             else:
-                k = keys if idx is None else take(keys, idx)
-                z = unit_noise(KeyedRNG(k).stream(*stream), shape, spec.dist, out.dtype)
+                z = self._draw(p, spec, stream, shape, out.dtype)
+                if z is None:  # no rows of this plan in the call
+                    continue
+            idx = self.rows_of(p)
             d = spec.nu * z if spec.scale is None else spec.nu * channel_view(spec.scale, z) * z
             out = out + d if idx is None else out.index_add(0, idx, d)
         return out
