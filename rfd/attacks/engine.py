@@ -818,8 +818,8 @@ class EngineRun:
         g = idle.nonzero()[:, 0]
         if g.numel() == 0:
             return need
-        clean = self.phase[g] == CLEAN
-        prio = torch.where(clean, -1.0, take(self.used, g) * take(self.job_inv_budget, g))
+        clean = take(self.phase, g) == CLEAN
+        prio = (take(self.used, g) * take(self.job_inv_budget, g)).masked_fill_(clean, -1.0)
         if len(self.lanes) > 1:
             # lane-major: the lane holding the least-spent job first, its jobs least-spent
             # first, then the next lane. A forward then carries one or two lanes' chunks, not
@@ -828,17 +828,15 @@ class EngineRun:
             job_lane = take(self.job_lane, g)
             low = torch.full((len(self.lanes),), 2.0, dtype=prio.dtype, device=prio.device)
             low.scatter_reduce_(0, job_lane, prio, "amin")
-            rank = torch.empty(len(self.lanes), dtype=prio.dtype, device=prio.device)
-            rank[torch.argsort(low, stable=True)] = torch.arange(
-                len(self.lanes), dtype=prio.dtype, device=prio.device
-            )
-            order = torch.argsort(prio + 4.0 * rank[job_lane], stable=True)  # prio in [-1, 1]
-            lanes, counts = torch.unique_consecutive(job_lane[order], return_counts=True)
-            runs = list(zip(lanes.tolist(), counts.tolist(), strict=True))
+            by_low = torch.argsort(low, stable=True)  # lanes, least-spent job first
+            rank = torch.argsort(by_low)  # each lane's place in that order
+            order = torch.argsort(prio + 4.0 * take(rank, job_lane), stable=True)  # prio in [-1, 1]
+            counts = torch.bincount(job_lane, minlength=len(self.lanes)).tolist()
+            runs = [(k, counts[k]) for k in by_low.tolist() if counts[k]]
         else:
             order = torch.argsort(prio, stable=True)
             runs = [(0, g.shape[0])]
-        g, clean = g[order], clean[order]
+        g, clean = take(g, order), take(clean, order)
         any_clean = bool(clean.any())
         short, start = need, 0
         for k, count in runs:  # a lane's jobs are contiguous: clean ones first, then steps
