@@ -329,7 +329,10 @@ def report(args: argparse.Namespace, shares: list[dict[str, Any]], single: float
     n_probes = sum(len(s["probe_times"]) for s in shares)
     if procs > 1:  # a process that ends early hands its core to the others (CoreHandover)
         ends = ", ".join(f"{s['t1'] - t0 - s['probe_spent']:.1f}" for s in shares)
-        print(f"processes done after {ends} s")
+        # the shares' rows: a process that ends late had more work, or a slower machine
+        share_rows = ", ".join(str(int(s["used"].sum() + s["verify"].sum() + s["probe"].sum()))
+                               for s in shares)  # fmt: skip
+        print(f"processes done after {ends} s, with {share_rows} rows")
     print(f"wall {wall:.1f} s, {forwards} forwards, {rows} rows ({charged} charged, {verify} "
           f"verification, {probe_rows} probe), plain forward {per_proc * 1e6:.1f} us/image per "
           f"process (median of {n_probes} timings during the run)")  # fmt: skip
