@@ -429,7 +429,7 @@ def test_signflip_observes_the_very_draw_it_proposed():
     assert (draw[p].flatten(1).abs().amax(1) <= radius + 1e-7).all()
     # a phase's draw depends on its own rows' keys only: stepping one phase alone draws the same
     for rows in (p, f):
-        alone = {k: t[rows] for k, t in state.items() if k not in ("draw", "flips")}
+        alone = {k: t[rows] for k, t in state.items() if k not in ("draw", "flips", "flip")}
         sf.propose(view.subset(torch.arange(a)[rows]), alone)
         assert torch.equal(alone["draw"], draw[rows])
     ok = torch.tensor([True, True, False, False, True, True]).view(a, 1)

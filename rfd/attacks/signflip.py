@@ -147,13 +147,13 @@ class SignFlip(Attack):
         projected = _project_step(delta, state["alpha"], bits)
         flips = (u < state["prob"]).to(delta.dtype) * 2 - 1
         draw = select(flip, delta * flips, projected)
-        state["draw"], state["flips"] = draw, flips
+        state["draw"], state["flips"], state["flip"] = draw, flips, flip  # scratch for observe
         return (view.x0 + draw).clamp(0.0, 1.0)
 
     def _observe_steady(self, state: State, ok: Tensor) -> State:
         """:meth:`observe` after :meth:`_propose_steady`: the PROJECT and FLIP updates as masked
         full-width ops (each image's values are those of its phase's own update)."""
-        flip = state["phase"] == FLIP
+        flip = state["flip"]  # the FLIP images, as propose found them
         acc_proj = state["acc_proj"] + (ok & ~flip)
         acc_flip = state["acc_flip"] + (ok & flip)
         it = state["count"] + flip
