@@ -128,24 +128,25 @@ class CoreHandover:
     A CPU run over several processes gives each the same share of the cores (one thread each,
     on a machine with a core per process). The shares of images never cost exactly the same, so
     one process ends first and its cores would idle until the last one ends. Each process marks
-    its end with a file in a folder all of them share; the others look every ``every`` forwards
-    and split the freed cores between them (``torch.set_num_threads``). Threads change speed,
+    its end with a file in a folder all of them share; the others look every ``every`` engine
+    cycles and split the freed cores between them (``torch.set_num_threads``). Threads change speed,
     never results: forwards of rows are per row, and every draw is keyed.
 
     Args:
         rank, world: this process and how many share the machine.
         where: a folder shared by the processes of this run alone.
-        every: forwards between looks (a look is ``world - 1`` file checks).
+        every: engine cycles (a few forwards each) between looks (a look is ``world - 1`` file
+            checks).
     """
 
-    def __init__(self, rank: int, world: int, where: Path, every: int = 8) -> None:
+    def __init__(self, rank: int, world: int, where: Path, every: int = 2) -> None:
         self.rank, self.world, self.where, self.every = rank, world, Path(where), every
         self.base = torch.get_num_threads()
         self.done = 0
         self._calls = 0
 
     def poll(self) -> None:
-        """After a forward: take a share of the cores of the processes that have ended."""
+        """After a cycle: take a share of the cores of the processes that have ended."""
         self._calls += 1
         if self._calls % self.every:
             return
@@ -208,7 +209,7 @@ class GridEvaluation(L.LightningModule):
         batch_size: rows per forward.
         n_clean_passes: noisy passes for the defended clean accuracy.
         forward: ``(device) -> {precision, channels_last, compile}`` for every forward.
-        progress: called with the engine's :class:`Progress` after each forward (rank 0).
+        progress: called with the engine's :class:`Progress` after each cycle (rank 0).
         bpda: white-box attacks use BPDA through defenses that declare it (see ``Engine``).
     """
 

@@ -78,22 +78,34 @@ def test_grid_cells_share_forwards_and_match_separate_runs(data):
     # one executor for the whole grid: every cell's rows rode in the same forwards
     assert len(grid.executors) == 1
     assert grid.forwards < sum(Engine(32).run([c], x, y).forwards for c in cells)
+    # choosing jobs once per forward or once per four changes which rows share a forward, not
+    # any job's result
+    for cycle in (1, 3):
+        other = Engine(32, cycle=cycle).run(cells, x, y, keep_adv=True)
+        for k in ("used", "verify", "success", "fooled_at", "adv"):
+            assert torch.equal(getattr(other, k), getattr(grid, k)), (cycle, k)
 
 
 def test_forwards_are_full_until_the_work_runs_out(data):
     """While jobs are left to admit, every forward holds exactly ``batch_size`` rows, whatever
     the attacks' step sizes (NES sends 61 queries a step, the others one); only the drain at the
-    end, when the last images run on alone, may leave rows empty."""
+    end, when the last images run on alone, may leave rows empty.
+
+    Exactly, with one forward per cycle: a forward's leftover rows then belong to one job. A
+    longer cycle can end inside a chunk of several NES jobs, whose one leftover row holds them
+    all back: with no more live jobs than one batch, the next forward may then lack a row."""
     net, x, y = data
     xs, ys = x.repeat(8, 1, 1, 1), y.repeat(8)
     ids = torch.arange(xs.shape[0])
     cells = [Cell(rfd.protect(net, "feature", nu=0.3, seed=0), make_attack(a), 0.1, 200)
              for a in ("square", "nes", "signhunter", "rays")]  # fmt: skip
     # few live jobs at a time: jobs are admitted as others finish
-    run = Engine(40, oversubscribe=1).run(cells, xs, ys, ids=ids)
+    run = Engine(40, oversubscribe=1, cycle=1).run(cells, xs, ys, ids=ids)
     fill_incremental = run.rows_total / (run.forwards * 40)
     assert run.drain_from is not None and run.drain_from > 10
     assert all(r == 40 for r in run.forward_rows[: run.drain_from])
+    cycled = Engine(40, oversubscribe=1, cycle=4).run(cells, xs, ys, ids=ids)
+    assert sum(cycled.forward_rows[: cycled.drain_from]) >= 0.99 * 40 * cycled.drain_from
     assert sum(run.forward_rows) == run.rows_total <= run.forwards * 40
     for st in run.stats:
         assert st.forwards > 0 and st.rows > 0 and st.seconds > 0
@@ -327,3 +339,15 @@ def test_nan_logits_of_a_step_stop_the_run_instead_of_counting_as_fooled(data):
     cell = Cell(model, make_attack("square"), 0.1, 50, "vote", 1, 0)
     with pytest.raises(ValueError, match="NaN or inf logits"):
         Engine(16).run([cell], x[:4], y[:4])
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [({"batch_size": 0}, "batch_size must be a positive integer"),
+     ({"oversubscribe": 0.5}, "oversubscribe must be >= 1"),
+     ({"cycle": 0}, "cycle must be a positive integer"),
+     ({"margin": -0.1}, "margin must be >= 0")],
+)  # fmt: skip
+def test_engine_settings_are_checked(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        Engine(**kw)

@@ -6,15 +6,16 @@ to [0, 1] and projection onto the eps-ball, EOT averaging (M forwards charged as
 9-query majority vote (uncharged), which answers an attack may read (scores or labels only), and
 the per-image record (``fooled_at``: the exact charged count at the first verified fooling query).
 
-It also owns the forwards. Every tick it fills one forward of exactly ``batch_size`` rows from
-the queries of many jobs, across all cells that share a base model: an image under feature noise
+It also owns the forwards. Every cycle it fills a few forwards of exactly ``batch_size`` rows
+from the queries of many jobs, across all cells that share a base model: an image under feature noise
 and an image under input noise ride in the same batch, each row with its own defense plan and
 noise key (:mod:`rfd.defenses.rows`). When a job ends (fooled, budget spent, or misclassified at
 the start) the next one takes its place. Verification votes and EOT samples are rows like any
 other. Jobs are oversubscribed (more live than one batch holds) and served least-spent first, so
 that near the end the survivors finish together instead of trickling through half-empty batches;
 lane by lane (the lane holding the least-spent job first), so that a forward carries few, large
-chunks whose proposals and observations each run as one batch of tensor ops.
+chunks whose proposals and observations each run as one batch of tensor ops. Choosing the jobs
+once for several forwards (``cycle``) pays that choice and the bookkeeping around it once.
 
 Randomness never depends on this packing: the attacker's draws are keyed by (attack seed, image,
 step) and the defense's by (defense seed, image, query, sample) (:mod:`rfd.rng`), so an image's
@@ -223,8 +224,15 @@ class Engine:
         batch_size: rows per forward (queries, EOT samples and votes alike).
         oversubscribe: at most ``oversubscribe * batch_size`` jobs are live at once (their
             attack states are in memory); more keeps the end of a large grid full.
+        cycle: forwards per selection. Each cycle selects rows for up to ``cycle`` full forwards,
+            runs them, then processes their answers: the per-cycle work (choosing jobs, the
+            statistics, the progress report) is paid once for several forwards. A job takes at
+            most one step per cycle; when the idle jobs cannot fill the cycle, it runs one forward.
+        margin: lanes (attacks) whose least-spent idle job is ahead of the least-spent live job
+            by more than this share of the budget sit out a cycle once one forward is covered,
+            so that every lane finishes together (see :meth:`EngineRun._select`).
         precision, channels_last, compile: forward settings (see :class:`RowForward`).
-        progress: called after every forward with a :class:`Progress`.
+        progress: called after every cycle with a :class:`Progress`.
         bpda: gradient queries pass a defense's declared surrogate (the identity by default) in
             place of its non-differentiable part (Athalye et al. 2018), instead of its own
             (masked) gradient.
@@ -234,6 +242,8 @@ class Engine:
         self,
         batch_size: int = 256,
         oversubscribe: float = 16.0,
+        cycle: int = 4,
+        margin: float = 0.02,
         precision: str = "32",
         channels_last: bool = False,
         compile: bool = False,
@@ -244,7 +254,12 @@ class Engine:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not oversubscribe >= 1:
             raise ValueError(f"oversubscribe must be >= 1, got {oversubscribe!r}")
-        self.batch_size, self.oversubscribe = batch_size, oversubscribe
+        if not isinstance(cycle, int) or cycle < 1:
+            raise ValueError(f"cycle must be a positive integer, got {cycle!r}")
+        if not margin >= 0:
+            raise ValueError(f"margin must be >= 0, got {margin!r}")
+        self.batch_size, self.oversubscribe, self.cycle = batch_size, oversubscribe, cycle
+        self.margin = margin
         self.precision, self.channels_last, self.compile = precision, channels_last, compile
         self.progress = progress
         self.bpda = bpda
@@ -807,8 +822,9 @@ class EngineRun:
 
     # ------------------------------------------------------------------------------ the loop
     def _select(self, xi: int, need: int) -> int:
-        """Give the least-spent idle jobs of executor ``xi`` their next rows (about ``need``);
-        returns how many rows are still missing when every idle job has been given its step."""
+        """Give the least-spent idle jobs of executor ``xi`` their next rows: about ``need``, or
+        about one forward's worth when the idle jobs cannot fill ``need`` (or the rest are far
+        ahead). Returns how many of the ``need`` rows are still missing."""
         ex = self.executors[xi]
         idle = self.live & ~self.busy
         if len(self.executors) > 1:
@@ -820,57 +836,84 @@ class EngineRun:
             return need
         clean = take(self.phase, g) == CLEAN
         prio = (take(self.used, g) * take(self.job_inv_budget, g)).masked_fill_(clean, -1.0)
-        if len(self.lanes) > 1:
+        lanes = len(self.lanes)
+        if lanes > 1:
             # lane-major: the lane holding the least-spent job first, its jobs least-spent
             # first, then the next lane. A forward then carries one or two lanes' chunks, not
             # every lane's: each chunk's proposals and observations run as one batch of tensor
             # ops, so fewer, larger chunks cost less per row. Lanes stay level across forwards.
             job_lane = take(self.job_lane, g)
-            low = torch.full((len(self.lanes),), 2.0, dtype=prio.dtype, device=prio.device)
+            low = torch.full((lanes,), 2.0, dtype=prio.dtype, device=prio.device)
             low.scatter_reduce_(0, job_lane, prio, "amin")
             by_low = torch.argsort(low, stable=True)  # lanes, least-spent job first
             rank = torch.argsort(by_low)  # each lane's place in that order
             order = torch.argsort(prio + 4.0 * take(rank, job_lane), stable=True)  # prio in [-1, 1]
-            counts = torch.bincount(job_lane, minlength=len(self.lanes)).tolist()
-            runs = [(k, counts[k]) for k in by_low.tolist() if counts[k]]
+            counts = torch.bincount(job_lane, minlength=lanes).tolist()
+            lows = low.tolist()
+            runs = [(k, counts[k], lows[k]) for k in by_low.tolist() if counts[k]]
         else:
             order = torch.argsort(prio, stable=True)
-            runs = [(0, g.shape[0])]
+            runs = [(0, g.shape[0], -1.0)]
         g, clean = take(g, order), take(clean, order)
         any_clean = bool(clean.any())
-        short, start = need, 0
-        for k, count in runs:  # a lane's jobs are contiguous: clean ones first, then steps
-            if short <= 0:
+        # first what each lane could send, in service order, until the need is covered. Once
+        # one forward is covered, a lane whose least-spent idle job is ahead of the least-spent
+        # live job (busy ones too: a job in a vote has no step now) by more than the margin
+        # waits: if every lane stepped every cycle, lanes slowed by votes would fall behind
+        # and finish alone at the end, through half-empty forwards
+        offers, avail, start = [], 0, 0
+        one = max(self.engine.batch_size - ex.queued_rows(), 0)
+        floor = float(self._spent_floor()) + self.engine.margin if need > one else 2.0
+        for k, count, low in runs:
+            if avail >= need or (avail >= one and low > floor):
                 break
             lane, jobs = self.lanes[k], g[start : start + count]
             n_clean = int(clean[start : start + count].sum()) if any_clean else 0
             start += count
+            per = lane.eot + self._probe(lane, ex) if n_clean else 0
+            steps = jobs[n_clean:]
+            if lane.single or steps.numel() == 0:  # one query (eot forwards) per step
+                n, step_rows = None, steps.shape[0] * lane.eot
+            else:  # the attack says how many queries each image sends next
+                n = lane.attack.queries(self._remaining(lane, steps))
+                step_rows = int(n.sum()) * lane.eot
+            offers.append((lane, jobs, n_clean, per, steps, n))
+            avail += n_clean * per + step_rows
+        # too few rows for the whole cycle: one forward's worth, least-spent first (taking every
+        # idle job would step each once per cycle, however far ahead it is)
+        target = need if avail >= need else min(avail, one)
+        short = target
+        for lane, jobs, n_clean, per, steps, n in offers:
+            if short <= 0:
+                break
             if n_clean:
-                per = lane.eot + self._probe(lane, ex)
                 pick = min(n_clean, -(-short // per))
                 self._enqueue(self._clean_chunk(lane, jobs[:pick]))
                 short -= pick * per
                 if short <= 0:
                     break
-            steps = jobs[n_clean:]
             if steps.numel() == 0:
                 continue
-            if lane.single:  # one query (eot forwards) per step
-                n = None
+            if n is None:
                 pick = min(steps.shape[0], -(-short // lane.eot))
                 short -= pick * lane.eot
-            else:  # the attack says how many queries each image sends next
-                n = lane.attack.queries(self._remaining(lane, steps))
+            else:
                 cum = torch.cumsum(n * lane.eot, 0)
                 pick = min(int(torch.searchsorted(cum, short)) + 1, steps.shape[0])
                 short -= int(cum[pick - 1])
                 n = n[:pick]
             self._enqueue(self._step_chunk(lane, steps[:pick], n))
-        return max(short, 0)
+        return max(need - (target - short), 0)
+
+    def _spent_floor(self) -> Tensor:
+        """The least budget share spent by a live job that has taken its clean query."""
+        spent = self.used * self.job_inv_budget
+        return spent.masked_fill_(~self.live | (self.phase == CLEAN), 1.0).min()
 
     def _forward(self, ex: _Executor) -> Tensor | None:
-        """One forward of up to ``batch_size`` queued rows; processes the chunks it completes.
-        Returns the rows per cell of this forward."""
+        """One forward of up to ``batch_size`` queued rows, their answers stored in the chunks
+        (:meth:`_drain` processes those it completed). Returns the rows per cell of this
+        forward."""
         c = self.engine.batch_size
         pieces: list[tuple[_Chunk, int, int]] = []
         room = c
@@ -924,8 +967,6 @@ class EngineRun:
                     ch.loss_out[a:b] = loss[off : off + b - a]
             off += b - a
             ch.sent = b
-        while ex.queue and ex.queue[0].sent == ex.queue[0].rows:
-            self._process(ex.queue.popleft())
         self.forwards += 1
         self.forward_rows.append(rows)
         if self.drain_from is None and self.next_job >= self.cell.shape[0]:
@@ -933,6 +974,11 @@ class EngineRun:
         self.rows_total += rows
         self.fill_total += rows / c
         return torch.bincount(cells, minlength=len(self.cells))
+
+    def _drain(self, ex: _Executor) -> None:
+        """Process the chunks at the head of the queue whose every row has been answered."""
+        while ex.queue and ex.queue[0].sent == ex.queue[0].rows:
+            self._process(ex.queue.popleft())
 
     def _grad_forward(self, ex: _Executor, x: Tensor, plan: Tensor, keys: Tensor, rows: int,
                       pieces: list[tuple[_Chunk, int, int]]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
@@ -955,34 +1001,43 @@ class EngineRun:
 
     def loop(self, on_done: Callable[[EngineRun, Tensor], None] | None) -> None:
         total = self.cell.shape[0]
-        c = self.engine.batch_size
+        c, k = self.engine.batch_size, self.engine.cycle
         while self.n_done < total:
             self._done_batch = []
             self._admit()
             progressed = False
             for xi, ex in enumerate(self.executors):
                 t0 = time.perf_counter()
-                need = c - ex.queued_rows()
+                need = k * c - ex.queued_rows()
                 if need > 0:
                     short = self._select(xi, need)
                     if short > 0 and self._admit():  # new jobs take the empty rows
                         self._select(xi, short)
-                counts = self._forward(ex)
-                if counts is None:
+                fws: list[list[int]] = []
+                while len(fws) < k and (not fws or ex.queued_rows() >= c):
+                    counts = self._forward(ex)
+                    if counts is None:
+                        break
+                    fws.append(counts.tolist())
+                self._drain(ex)
+                if not fws:
                     continue
                 progressed = True
-                dt = time.perf_counter() - t0  # selection, proposals, forward and processing
-                per_cell = counts.tolist()
-                rows = sum(per_cell)
-                weight = [k * self.row_cost[ci] for ci, k in enumerate(per_cell)]
+                dt = time.perf_counter() - t0  # selection, proposals, forwards and processing
+                for per_cell in fws:
+                    rows = sum(per_cell)
+                    for ci, n in enumerate(per_cell):
+                        if n:
+                            st = self.stats[ci]
+                            st.forwards += 1
+                            st.fill_sum += rows / c
+                            st.rows += n
+                # the cycle's time goes to its cells by their rows (times their defenses' cost)
+                weight = [sum(f[ci] for f in fws) * cost for ci, cost in enumerate(self.row_cost)]
                 total_weight = sum(weight)
-                for ci, k in enumerate(per_cell):
-                    if k:
-                        st = self.stats[ci]
-                        st.forwards += 1
-                        st.fill_sum += rows / c
-                        st.rows += k
-                        st.seconds += dt * weight[ci] / total_weight
+                for ci, w in enumerate(weight):
+                    if w:
+                        self.stats[ci].seconds += dt * w / total_weight
             if not progressed and self.n_done < total and self.next_job >= total:
                 raise RuntimeError("engine stalled: jobs are left but none can run")
             if self._done_batch and on_done is not None:
