@@ -862,7 +862,8 @@ class EngineRun:
         # waits: if every lane stepped every cycle, lanes slowed by votes would fall behind
         # and finish alone at the end, through half-empty forwards
         offers, avail, start = [], 0, 0
-        one = max(self.engine.batch_size - ex.queued_rows(), 0)
+        c, queued = self.engine.batch_size, ex.queued_rows()
+        one = max(c - queued, 0)
         floor = float(self._spent_floor()) + self.engine.margin if need > one else 2.0
         for k, count, low in runs:
             if avail >= need or (avail >= one and low > floor):
@@ -879,9 +880,10 @@ class EngineRun:
                 step_rows = int(n.sum()) * lane.eot
             offers.append((lane, jobs, n_clean, per, steps, n))
             avail += n_clean * per + step_rows
-        # too few rows for the whole cycle: one forward's worth, least-spent first (taking every
-        # idle job would step each once per cycle, however far ahead it is)
-        target = need if avail >= need else min(avail, one)
+        # too few rows for the whole cycle: as many full forwards as they fill (else what there
+        # is), least-spent first; rows past the last full forward would wait in a cut chunk
+        whole = (queued + avail) // c * c - queued
+        target = need if avail >= need else (min(avail, one) if whole <= 0 else whole)
         short = target
         for lane, jobs, n_clean, per, steps, n in offers:
             if short <= 0:
