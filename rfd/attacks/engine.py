@@ -7,8 +7,8 @@ to [0, 1] and projection onto the eps-ball, EOT averaging (M forwards charged as
 the per-image record (``fooled_at``: the exact charged count at the first verified fooling query).
 
 It also owns the forwards. Every cycle it fills a few forwards of exactly ``batch_size`` rows
-from the queries of many jobs, across all cells that share a base model: an image under feature noise
-and an image under input noise ride in the same batch, each row with its own defense plan and
+from the queries of many jobs, across all cells that share a base model: an image under feature
+noise and an image under input noise ride in the same batch, each row with its own defense plan and
 noise key (:mod:`rfd.defenses.rows`). When a job ends (fooled, budget spent, or misclassified at
 the start) the next one takes its place. Verification votes and EOT samples are rows like any
 other. Jobs are oversubscribed (more live than one batch holds) and served least-spent first, so
@@ -227,7 +227,8 @@ class Engine:
         cycle: forwards per selection. Each cycle selects rows for up to ``cycle`` full forwards,
             runs them, then processes their answers: the per-cycle work (choosing jobs, the
             statistics, the progress report) is paid once for several forwards. A job takes at
-            most one step per cycle; when the idle jobs cannot fill the cycle, it runs one forward.
+            most one step per cycle; when the idle jobs cannot fill the cycle, it runs the full
+            forwards they fill.
         margin: lanes (attacks) whose least-spent idle job is ahead of the least-spent live job
             by more than this share of the budget sit out a cycle once one forward is covered,
             so that every lane finishes together (see :meth:`EngineRun._select`).
