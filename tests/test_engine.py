@@ -78,8 +78,8 @@ def test_grid_cells_share_forwards_and_match_separate_runs(data):
     # one executor for the whole grid: every cell's rows rode in the same forwards
     assert len(grid.executors) == 1
     assert grid.forwards < sum(Engine(32).run([c], x, y).forwards for c in cells)
-    # choosing jobs once per forward or once per four changes which rows share a forward, not
-    # any job's result
+    # choosing jobs once per forward, per three or per four (the default) changes which rows
+    # share a forward, not any job's result
     for cycle in (1, 3):
         other = Engine(32, cycle=cycle).run(cells, x, y, keep_adv=True)
         for k in ("used", "verify", "success", "fooled_at", "adv"):

@@ -823,9 +823,10 @@ class EngineRun:
 
     # ------------------------------------------------------------------------------ the loop
     def _select(self, xi: int, need: int) -> int:
-        """Give the least-spent idle jobs of executor ``xi`` their next rows: about ``need``, or
-        about one forward's worth when the idle jobs cannot fill ``need`` (or the rest are far
-        ahead). Returns how many of the ``need`` rows are still missing."""
+        """Give the least-spent idle jobs of executor ``xi`` their next rows: about ``need``, or,
+        when the idle jobs of the lanes not far ahead cannot fill ``need``, as many full forwards
+        as they fill (all of them if less than one). Returns how many of the ``need`` rows are
+        still missing."""
         ex = self.executors[xi]
         idle = self.live & ~self.busy
         if len(self.executors) > 1:
